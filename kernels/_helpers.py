@@ -1,0 +1,98 @@
+"""Shared helpers for the Triton kernels: interpreter detection, launch context, output allocation,
+block-size heuristics and the dot-precision policy.
+
+Nothing here imports fastvit: the dependency arrow is fastvit/ -> kernels/ -> triton.
+"""
+import contextlib
+import dataclasses
+import os
+
+import torch
+import triton
+
+# Tests flip this on so every output buffer a launcher allocates starts as NaN: a kernel that forgets
+# to write an element then fails its parity test instead of passing on whatever torch.empty returned.
+POISON_OUTPUTS = False
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def can_run_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of `device`: compiled on CUDA, interpreted on CPU."""
+    if device.type == "cuda":
+        return not is_interpreter()
+    return device.type == "cpu" and is_interpreter()
+
+
+def device_context(tensor: torch.Tensor):
+    """Launch under the tensor's own CUDA device, so a tensor on cuda:1 never runs on cuda:0's stream."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """torch.empty for kernel outputs (NaN-filled when POISON_OUTPUTS is set)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 operands, following torch's own matmul policy.
+
+    fp32 users get IEEE fp32 products unless they opted into TF32 the torch way
+    (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision("high")), so fastvit
+    matches F.linear in fp32 by default. fp16/bf16 operands ignore this.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def rowwise_config(n_cols: int, element_size: int):
+    """(BLOCK, num_warps) for kernels that hold one row of `n_cols` elements in registers.
+
+    One program owns a whole row so its statistics are a single in-register reduction; warps grow with
+    the row so each thread keeps <= ~16 elements (no spills up to 16K columns in fp32).
+    """
+    block = triton.next_power_of_2(max(n_cols, 1))
+    num_warps = min(max(block * element_size // 512, 1), 16)
+    return block, triton.next_power_of_2(num_warps)
+
+
+TORCH_TO_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One production configuration of a kernel, for ahead-of-time compilation without a GPU.
+
+    Every kernels/<op>.py exposes `compile_configs() -> list[KernelConfig]` listing the configs its
+    launchers actually pick for the model's shapes; `python -m fastvit.inspect` and tests/test_compile.py
+    compile each one for sm_90 and sm_80 and read registers, spills and SASS.
+    """
+
+    kernel: object  # the @triton.jit function
+    kind: str  # "rowwise", "gemm", "attention", ...
+    label: str  # what the config is for, e.g. "D=768 bf16"
+    types: dict  # runtime argument name -> Triton type string ("*bf16", "*fp32", "i32", "fp32")
+    constexprs: dict  # constexpr argument name -> value (None-pointer arguments are constexpr None)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def signature(self) -> dict:
+        """The full `triton.compile` signature: every kernel argument in order, constexprs marked."""
+        signature = {}
+        for name in self.kernel.arg_names:
+            if name in self.constexprs:
+                signature[name] = "constexpr"
+            elif name in self.types:
+                signature[name] = self.types[name]
+            else:
+                raise KeyError(f"{self.kernel.__name__} [{self.label}]: no type or constexpr for argument {name!r}")
+        return signature
