@@ -1,0 +1,244 @@
+"""fastvit.ops.linear and fastvit.ops.layer_norm_linear: every Linear of the ViT on one fused Triton GEMM
+(kernels/linear.py).
+
+    linear(x, W, b, act, residual, ls, p)        = residual + ls * dropout_p(act(x W^T + b))
+    layer_norm_linear(x, lw, lb, W, b, eps, act, p) = dropout_p(act(LN(x; lw, lb, eps) W^T + b))
+
+W keeps nn.Linear's (N, K) layout, so timm weights load unchanged. x may have any leading batch dims and
+any row strides (a last dim with stride != 1 is copied once). Every optional piece (bias, activation,
+residual, layer scale, dropout, LayerNorm) is a compile-time flag of one kernel, fused into its prologue
+(LayerNorm) or epilogue (the rest) while the fp32 accumulator is in registers.
+
+Where the model uses them: LN1 -> QKV + bias, and LN2 -> fc1 + bias -> GELU, are layer_norm_linear; proj
+and fc2 (+ bias + residual, optionally layer scale and dropout) are linear; the head is
+layer_norm_linear (or linear after pooling).
+
+Dropout: applied whenever dropout_p > 0 (callers pass 0 in eval). The Triton path draws its keep-mask
+from a counter-based generator (tl.rand) seeded by one int64 drawn from torch's generator per call, so
+torch.manual_seed makes it reproducible and the backward regenerates the mask instead of storing it; the
+torch path uses F.dropout (same distribution, different numbers).
+
+Autocast policy (like F.linear, and like timm under autocast):
+- x (for linear), weight, bias and layer_scale are cast to the autocast dtype, which is the compute dtype;
+- for layer_norm_linear x is read in its own dtype (the fp32 residual stream stays fp32) and LayerNorm
+  runs in fp32 with ln_weight / ln_bias in their own dtypes, as autocast runs F.layer_norm in fp32; the
+  normalised tile enters the GEMM in the compute dtype;
+- the residual keeps its dtype and the output dtype is torch.promote_types(compute dtype, residual
+  dtype): with an fp32 residual stream the block output stays fp32, as timm's does.
+Outside autocast every floating argument must share one dtype (fp32 / fp16 / bf16): nothing is cast
+behind the user's back. fp32 GEMMs follow torch's matmul precision (IEEE unless TF32 is allowed).
+
+Saved for backward (Triton path), against eager PyTorch for the same sequence of ops:
+- x and weight by reference, as eager F.linear does; for layer_norm_linear x plus fp32 mean / rstd
+  (8 bytes per row) instead of eager's LN output (M x K) plus stats: the backward recomputes LN(x) for the
+  weight gradient, so the fused op saves M x K elements less than eager.
+- the pre-activation z = x W^T + b (M x N, compute dtype) only when an activation follows or layer_scale
+  needs a gradient: the same tensor eager saves as GELU's / LayerScale's input.
+- dropout saves one int64 seed instead of eager's M x N mask.
+- residual: nothing (its gradient is the upstream gradient itself).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastvit.backend import use_triton
+
+from ._common import autocast_dtype, check_same_device, check_same_dtype, check_shape, check_tensor, describe, rows_view
+from .layer_norm import validate_layer_norm
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+
+def _no_tensor(like: torch.Tensor) -> torch.Tensor:
+    """Custom ops cannot return None: an output that was not asked for comes back as an empty tensor."""
+    return like.new_empty((0,))
+
+
+@torch.library.custom_op("fastvit::linear_fwd", mutates_args=())
+def _linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+    layer_scale: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor], activation: str, dropout_p: float, eps: float, has_ln: bool,
+    save_preact: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastvit.kernels.linear import linear_forward
+
+    N = weight.shape[0]
+    y, preact, mean, rstd = linear_forward(
+        rows_view(x), weight, bias, None if residual is None else rows_view(residual), layer_scale,
+        ln_weight, ln_bias, seed, activation=activation, dropout_p=dropout_p, eps=eps, has_ln=has_ln,
+        save_preact=save_preact, out_dtype=out_dtype,
+    )
+    out_shape = (*x.shape[:-1], N)
+    preact = _no_tensor(x) if preact is None else preact.view(out_shape)
+    if mean is None:
+        mean, rstd = _no_tensor(x), _no_tensor(x)
+    return y.view(out_shape), preact, mean, rstd
+
+
+@_linear_fwd.register_fake
+def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, activation, dropout_p, eps, has_ln,
+      save_preact, out_dtype):
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    rows = x.numel() // x.shape[-1]
+    preact = x.new_empty(out_shape, dtype=weight.dtype) if save_preact else x.new_empty((0,))
+    stats = x.new_empty((rows if has_ln else 0,), dtype=torch.float32 if has_ln else x.dtype)
+    return x.new_empty(out_shape, dtype=out_dtype), preact, stats, stats.clone()
+
+
+@torch.library.custom_op("fastvit::linear_bwd", mutates_args=())
+def _linear_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
+    layer_scale: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+    mean: torch.Tensor, rstd: torch.Tensor, seed: Optional[torch.Tensor], activation: str, dropout_p: float,
+    has_ln: bool, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """needs = which of (dx, dweight, dbias, dlayer_scale, dln_weight, dln_bias) to compute."""
+    from fastvit.kernels.linear import linear_backward
+
+    grads = linear_backward(
+        rows_view(dy), rows_view(x), weight, rows_view(preact) if preact.numel() else None, layer_scale,
+        ln_weight, ln_bias, mean if has_ln else None, rstd if has_ln else None, seed,
+        activation=activation, dropout_p=dropout_p, needs=tuple(needs),
+    )
+    dx = grads[0]
+    grads = (dx.view(x.shape) if dx is not None else None, *grads[1:])
+    return tuple(_no_tensor(x) if g is None else g for g in grads)
+
+
+@_linear_bwd.register_fake
+def _(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, activation, dropout_p, has_ln,
+      needs):
+    like = (x, weight, weight.new_empty((weight.shape[0],)), layer_scale, ln_weight, ln_bias)
+    return tuple(
+        torch.empty_like(t) if need and t is not None else x.new_empty((0,)) for t, need in zip(like, needs)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, activation, dropout_p, _, has_ln, _, _ = inputs
+    _, preact, mean, rstd = output
+    ctx.save_for_backward(x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed)
+    ctx.activation, ctx.dropout_p, ctx.has_ln = activation, dropout_p, has_ln
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.present = [t is not None for t in (bias, residual, layer_scale, ln_weight, ln_bias)]
+    ctx.mark_non_differentiable(preact, mean, rstd)
+
+
+def _backward(ctx, dy, _dpreact, _dmean, _drstd):
+    x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
+    has_bias, has_residual, has_scale, has_ln_weight, has_ln_bias = ctx.present
+    need = ctx.needs_input_grad
+    needs = [need[0], need[1], need[2] and has_bias, need[4] and has_scale, need[5] and has_ln_weight,
+             need[6] and has_ln_bias]
+    grads = [None] * 6
+    if any(needs):
+        grads = _linear_bwd(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed,
+                            ctx.activation, ctx.dropout_p, ctx.has_ln, needs)
+        grads = [g if n else None for g, n in zip(grads, needs)]
+    dx, dweight, dbias, dscale, dln_weight, dln_bias = grads
+    dresidual = dy.to(ctx.residual_dtype) if need[3] and has_residual else None
+    return dx, dweight, dbias, dresidual, dscale, dln_weight, dln_bias, None, None, None, None, None, None, None
+
+
+_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, ln=None):
+    """Checks shared by linear and layer_norm_linear (ln = (ln_weight, ln_bias, eps) for the latter)."""
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("bias", bias, ndim=1, optional=True)
+    check_tensor("residual", residual, min_ndim=1, optional=True)
+    check_tensor("layer_scale", layer_scale, ndim=1, optional=True)
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x: expected last dim K = {K} to match weight (N, K) = {tuple(weight.shape)}, got {describe(x)}")
+    if N < 1 or K < 1:
+        raise ValueError(f"weight: expected (N, K) with N, K >= 1, got {describe(weight)}")
+    check_shape("bias", bias, (N,))
+    check_shape("layer_scale", layer_scale, (N,))
+    check_shape("residual", residual, (*x.shape[:-1], N))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    ln_weight, ln_bias = (ln[0], ln[1]) if ln is not None else (None, None)
+    if ln is not None:
+        validate_layer_norm(x, ln_weight, ln_bias, ln[2])
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual, layer_scale=layer_scale,
+                      ln_weight=ln_weight, ln_bias=ln_bias)
+    cast_to = autocast_dtype(x.device)
+    if cast_to is None:
+        check_same_dtype(x=x, weight=weight, bias=bias, residual=residual, layer_scale=layer_scale,
+                         ln_weight=ln_weight, ln_bias=ln_bias)
+    return cast_to
+
+
+def _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, ln_in_fp32):
+    """The same computation in plain PyTorch with the same dtype policy (autocast already resolved)."""
+    if ln is not None:
+        ln_weight, ln_bias, eps = ln
+        x = F.layer_norm(x.float() if ln_in_fp32 else x, (x.shape[-1],), ln_weight, ln_bias, eps).to(weight.dtype)
+    y = F.linear(x, weight, bias)
+    if activation is not None:
+        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if dropout_p > 0:
+        y = F.dropout(y, dropout_p, training=True)
+    if layer_scale is not None:
+        y = y * layer_scale
+    if residual is not None:
+        y = residual + y
+    return y
+
+
+def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln):
+    cast_to = _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, ln=ln)
+    compute = cast_to or weight.dtype
+    weight, bias, layer_scale = (t.to(compute) if t is not None else None for t in (weight, bias, layer_scale))
+    if ln is None:
+        x = x.to(compute)
+    elif cast_to is not None:
+        ln = (*(t.float() if t is not None else None for t in ln[:2]), ln[2])
+    dropout_p = float(dropout_p)
+    if not use_triton(x.device):
+        with torch.autocast(x.device.type, enabled=False):
+            return _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, cast_to is not None)
+
+    out_dtype = compute if residual is None else torch.promote_types(compute, residual.dtype)
+    seed = torch.randint(0, 2**62, (1,), device=x.device) if dropout_p > 0 else None
+    ln_weight, ln_bias, eps = ln if ln is not None else (None, None, 0.0)
+    save_preact = activation is not None or (layer_scale is not None and layer_scale.requires_grad)
+    save_preact = save_preact and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, layer_scale, ln_weight, ln_bias)
+    )
+    return _linear_fwd(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, activation or "none",
+                       dropout_p, float(eps), ln is not None, save_preact, out_dtype)[0]
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None, layer_scale: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """residual + layer_scale * dropout(act(x W^T + b)), each piece optional.
+
+    x (..., K); weight (N, K); bias, layer_scale (N,); residual (..., N); activation None, "gelu" (exact
+    erf) or "gelu_tanh"; dropout_p in [0, 1), applied when > 0. Returns (..., N): in x's dtype, or under
+    autocast promote_types(autocast dtype, residual dtype) (see the module docstring).
+    """
+    return _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, None)
+
+
+def layer_norm_linear(
+    x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None, eps: float = 1e-6, activation: Optional[str] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """dropout(act(LayerNorm(x) W^T + b)) with LayerNorm over the last dim, fused into the GEMM's prologue.
+
+    x (..., K); ln_weight, ln_bias (K,) or None; weight (N, K); bias (N,); activation as for linear;
+    dropout_p (timm's MLP drop after GELU) in [0, 1). Returns (..., N) in the compute dtype (x's dtype,
+    or the autocast dtype).
+    """
+    return _fused(x, weight, bias, activation, None, None, dropout_p, (ln_weight, ln_bias, eps))
