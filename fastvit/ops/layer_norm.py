@@ -42,12 +42,11 @@ def _layer_norm_bwd(
     dx, dweight, dbias = layer_norm_backward(
         rows_view(dy), rows_view(x), weight, mean, rstd, compute_dweight, compute_dbias
     )
-    not_computed = x.new_empty((0,))
-    return dx.view(x.shape), _or(dweight, not_computed), _or(dbias, not_computed)
+    return dx.view(x.shape), _or_empty(dweight, x), _or_empty(dbias, x)
 
 
-def _or(t, default):
-    return default if t is None else t
+def _or_empty(t, like):
+    return like.new_empty((0,)) if t is None else t
 
 
 @_layer_norm_bwd.register_fake
