@@ -1,10 +1,425 @@
-"""Fused GEMM y = epilogue(prologue(x) W^T): LayerNorm prologue; bias, GELU, dropout, layer scale and
-residual epilogue. Work in progress: the launchers are filled in next."""
+"""Fused GEMM for every Linear of the ViT: one tiled tl.dot kernel with a prologue on the operands and an
+epilogue on the fp32 accumulator, all selected by constexpr flags.
+
+Forward (W in nn.Linear's (N, K) layout, read as W^T through strides; x may be LayerNorm-ed on the fly):
+
+    z = LN?(x) W^T + b                         LN?(x)[m, k] = (x[m, k] - mean[m]) * rstd[m] * lw[k] + lb[k]
+    y = residual + ls * dropout_p(act(z))       act = GELU (erf, or tanh approximation) or identity
+
+Backward, with d = dy * keep / (1 - p) (the dropout mask regenerated from the seed) and u = act(z):
+
+    dz = d * ls * act'(z)                       computed in the *prologue* of both gradient GEMMs from dy
+                                                and the saved pre-activation z; never stored
+    dx_in = dz W          (M, K)                GEMM 1: A = dy, B = W
+    dW = dz^T LN?(x)      (N, K)                GEMM 2: A = dy^T, B = x (LN re-applied in B's prologue)
+    db = sum_m dz,  dls = sum_m d * u           row sums of GEMM 2's A tiles, taken by the programs that
+                                                walk all of m for a block of n: deterministic, no atomics
+    d residual = dy; LN's dx, dlw, dlb: kernels/layer_norm.py's backward on dx_in (one row-wise pass)
+
+dGELU is fused from the *saved* pre-activation z (the tensor eager's GELU saves too), not recomputed: a
+recompute would be a third GEMM. The dropout mask is never stored: tl.rand(seed, m * N + n) gives the same
+keep decision in the forward epilogue and in both backward prologues.
+
+Design:
+- Program (pid_m, pid_n) owns a BLOCK_M x BLOCK_N tile of the output and walks K in BLOCK_K steps; programs
+  are ordered in groups of GROUP_M row-blocks so neighbouring programs share A and B tiles in L2.
+- Operands are cast to DOT_DTYPE (the compute dtype) right before tl.dot; the accumulator is fp32; fp32
+  operands use DOT_PRECISION ("ieee" unless torch allows TF32). Every masked lane is zeroed *after* the
+  prologue (LayerNorm would turn a zero pad into lb[k]), so ragged tails never leak into the sums.
+- Plain pointer loads, no tensor descriptors (triton 3.6's descriptors do not run in the interpreter that
+  tests this file); on sm_90 tl.dot still lowers to wgmma (HGMMA) for BLOCK_M >= 64 and num_warps a
+  multiple of 4, on sm_80 to mma.sync (HMMA): see compile_configs().
+- Configs: a fixed small config under the interpreter; on CUDA a measured pick among a few candidates per
+  bucketed (M, N, K) and flag set, cached per process, with a pre-tuned default for ViT-S/B/L shapes used
+  while a CUDA graph is being captured or when FASTVIT_AUTOTUNE=0.
+
+Limits: x's last dim and W's last dim have stride 1 (rows may have any stride); offsets are int64.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._helpers import TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, new_output
+from .layer_norm import layer_norm_backward
+
+_SQRT_1_2 = 0.7071067811865476
+_SQRT_2_PI = 0.7978845608028654  # sqrt(2 / pi), the tanh approximation's constant
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi), the Gaussian density's constant
 
 
-def linear_forward(*args, **kwargs):
-    raise NotImplementedError("fastvit.kernels.linear: the Triton GEMM is not written yet; use set_backend('torch')")
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 2 sigmoid(2x) - 1: tl has no tanh in triton 3.6 outside libdevice
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
-def linear_backward(*args, **kwargs):
-    raise NotImplementedError("fastvit.kernels.linear: the Triton GEMM is not written yet; use set_backend('torch')")
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """act(z) in fp32: "gelu" = z Phi(z) (erf), "gelu_tanh" = timm / PyTorch's tanh approximation."""
+    if ACTIVATION == "gelu":
+        return 0.5 * z * (1.0 + tl.erf(z * _SQRT_1_2))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * z * (1.0 + _tanh(_SQRT_2_PI * (z + 0.044715 * z * z * z)))
+    else:
+        return z
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """GELU'(z) in fp32, for ACTIVATION "gelu" (erf) or "gelu_tanh"."""
+    if ACTIVATION == "gelu":
+        return 0.5 * (1.0 + tl.erf(z * _SQRT_1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    else:
+        t = _tanh(_SQRT_2_PI * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_PI * (1.0 + 3.0 * 0.044715 * z * z)
+
+
+@triton.jit
+def _dropout_keep(Seed, rows, cols, n_cols, p):
+    """Keep-mask of element (rows, cols) of an (., n_cols) output: the same bits in forward and backward."""
+    return tl.rand(tl.load(Seed), rows.to(tl.int64) * n_cols + cols) >= p
+
+
+@triton.jit
+def _layer_norm_tile(x, rows, cols, row_mask, col_mask, Mean, Rstd, LnW, LnB, HAS_LN_W: tl.constexpr,
+                     HAS_LN_B: tl.constexpr):
+    """LayerNorm of a tile x[rows, cols] of the input, from its fp32 row statistics; masked lanes -> 0."""
+    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    y = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    if HAS_LN_W:
+        y = y * tl.load(LnW + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_LN_B:
+        y = y + tl.load(LnB + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(row_mask[:, None] & col_mask[None, :], y, 0.0)
+
+
+@triton.jit
+def _grad_prologue(dy, dy_rows, dy_cols, mask, Z, stride_zm, Scale, Seed, n_fwd, dropout_p,
+                   ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
+                   NEED_DU: tl.constexpr):
+    """(dz, d * u) for a tile of dy at (dy_rows, dy_cols) (full-tile int64 indices into the (M, n_fwd)
+    output): d = dy * keep / (1 - p), u = act(z), dz = d * ls * act'(z). Masked lanes have dy = 0."""
+    d = dy.to(tl.float32)
+    if DROPOUT:
+        keep = _dropout_keep(Seed, dy_rows, dy_cols, n_fwd, dropout_p)
+        d = tl.where(keep, d * (1.0 / (1.0 - dropout_p)), 0.0)
+    dz = d
+    du = d
+    if ACTIVATION != "none" or NEED_DU:
+        z = tl.load(Z + dy_rows * stride_zm + dy_cols, mask=mask, other=0.0).to(tl.float32)
+        if NEED_DU:
+            du = d * _activation(z, ACTIVATION)
+        if ACTIVATION != "none":
+            dz = dz * _activation_grad(z, ACTIVATION)
+    if HAS_SCALE:
+        dz = dz * tl.load(Scale + dy_cols, mask=mask, other=0.0).to(tl.float32)
+    return dz, du
+
+
+@triton.jit
+def _linear_kernel(
+    C,  # (M, N) output, row stride stride_cm, unit column stride
+    Preact,  # (M, N) output with C's strides: z before the activation (SAVE_PREACT), or None
+    RowSum,  # (M,) fp32 output: sum over k of the prologue's dz (ROWSUM_DZ: db in the dW GEMM), or None
+    RowSumU,  # (M,) fp32 output: sum over k of d * u (ROWSUM_DU: dls in the dW GEMM), or None
+    A,  # (M, K) left operand: x, dy, or dy^T (TRANS_A); strides stride_am, stride_ak
+    B,  # (K, N) right operand: W^T, W or x (all strided views); strides stride_bk, stride_bn
+    Bias,  # (N,) or None
+    Residual,  # (M, N), row stride stride_rm, unit column stride; or None
+    Scale,  # layer scale (n_fwd,): over C's columns in the forward, dy's columns in GRAD_A; or None
+    LnW,  # LayerNorm weight over the columns of the normalised operand (A if LN_A, B if LN_B), or None
+    LnB,  # LayerNorm bias, same length, or None
+    Mean,  # fp32 row means of the normalised operand (x), or None
+    Rstd,  # fp32 row 1/std of x, or None
+    Seed,  # (1,) int64 dropout seed, or None
+    Z,  # saved pre-activation (dy's shape), row stride stride_zm, for GRAD_A; or None
+    stride_cm, stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_zm,
+    M, N, K,
+    n_fwd,  # columns of the forward output y (dropout counters are m * n_fwd + n)
+    dropout_p,
+    LN_A: tl.constexpr,  # A is x: LayerNorm it in the prologue (forward)
+    LN_B: tl.constexpr,  # B is x: LayerNorm it in the prologue (weight gradient)
+    HAS_LN_W: tl.constexpr,
+    HAS_LN_B: tl.constexpr,
+    GRAD_A: tl.constexpr,  # A is dy: turn it into dz in the prologue (both gradient GEMMs)
+    TRANS_A: tl.constexpr,  # A is dy^T: A's rows are dy's columns (weight gradient)
+    ROWSUM_DZ: tl.constexpr,
+    ROWSUM_DU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "none", "gelu", "gelu_tanh": epilogue, or its derivative in GRAD_A
+    HAS_SCALE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # operands are cast to this right before tl.dot
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row-blocks sweep the column-blocks together, so the B tiles they share
+    # (and their A tiles) stay in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < M
+    col_mask = cols < N
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_sum_u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = ks < K
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+        if LN_A:
+            a = _layer_norm_tile(a, rows, ks, row_mask, k_mask, Mean, Rstd, LnW, LnB, HAS_LN_W, HAS_LN_B)
+        if GRAD_A:
+            if TRANS_A:
+                dy_rows = tl.broadcast_to(ks[None, :], (BLOCK_M, BLOCK_K))
+                dy_cols = tl.broadcast_to(rows[:, None], (BLOCK_M, BLOCK_K))
+            else:
+                dy_rows = tl.broadcast_to(rows[:, None], (BLOCK_M, BLOCK_K))
+                dy_cols = tl.broadcast_to(ks[None, :], (BLOCK_M, BLOCK_K))
+            a, du = _grad_prologue(a, dy_rows, dy_cols, a_mask, Z, stride_zm, Scale, Seed, n_fwd, dropout_p,
+                                   ACTIVATION, HAS_SCALE, DROPOUT, ROWSUM_DU)
+            if ROWSUM_DZ:
+                row_sum += tl.sum(a, axis=1)
+            if ROWSUM_DU:
+                row_sum_u += tl.sum(du, axis=1)
+
+        b_mask = k_mask[:, None] & col_mask[None, :]
+        b = tl.load(B + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+        if LN_B:
+            b = _layer_norm_tile(b, ks, cols, k_mask, col_mask, Mean, Rstd, LnW, LnB, HAS_LN_W, HAS_LN_B)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+
+    # the row sums span all of K in every program; the first column-block writes them
+    if ROWSUM_DZ:
+        tl.store(RowSum + rows, row_sum, mask=row_mask & (pid_n == 0))
+    if ROWSUM_DU:
+        tl.store(RowSumU + rows, row_sum_u, mask=row_mask & (pid_n == 0))
+
+    c_mask = row_mask[:, None] & col_mask[None, :]
+    c_offsets = rows[:, None] * stride_cm + cols[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if SAVE_PREACT:
+        tl.store(Preact + c_offsets, acc.to(Preact.dtype.element_ty), mask=c_mask)
+    if not GRAD_A:
+        acc = _activation(acc, ACTIVATION)
+    if DROPOUT and not GRAD_A:
+        keep = _dropout_keep(Seed, rows[:, None], cols[None, :], n_fwd, dropout_p)
+        acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
+    if HAS_SCALE and not GRAD_A:
+        acc *= tl.load(Scale + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(Residual + rows[:, None] * stride_rm + cols[None, :], mask=c_mask, other=0.0)
+        acc += residual.to(tl.float32)
+    tl.store(C + c_offsets, acc.to(C.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _row_stats_kernel(
+    Mean,  # (M,) fp32 output
+    Rstd,  # (M,) fp32 output
+    X,  # (M, D) input, row stride stride_x_row, unit column stride
+    stride_x_row,
+    M,
+    D,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """LayerNorm's row statistics only (the GEMM normalises on the fly): two passes over registers, as in
+    kernels/layer_norm.py, so a large row mean does not cancel the variance."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    x_centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(x_centered * x_centered, axis=1) / D + eps)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+# Under the interpreter every program costs milliseconds of Python: few, large-ish tiles; the tests'
+# shapes (K = 100, N = 48 / 200, M = 17 / 397) still leave ragged tails in every dim.
+_INTERPRETER_TILE = dict(zip(_TILE_KEYS, (64, 64, 32, 4, 4, 1)))
+# Hopper / Ampere candidates: 128-row tiles feed wgmma with 2 warpgroups (8 warps) or 1 (4 warps);
+# 16-bit operands take BLOCK_K = 64 (128-byte rows for the swizzled shared-memory layout), fp32 half that.
+_CANDIDATES_16 = [dict(zip(_TILE_KEYS, t)) for t in (
+    (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4),
+)]
+_CANDIDATES_32 = [dict(zip(_TILE_KEYS, t)) for t in (
+    (128, 128, 32, 8, 8, 3), (128, 64, 32, 8, 4, 3), (64, 128, 32, 8, 4, 3), (64, 64, 32, 8, 4, 3),
+)]
+_tuned = {}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _default_tile(M: int, N: int, dot_dtype: torch.dtype) -> dict:
+    """The pre-tuned pick for ViT-S/B/L shapes (M = batch x 197 tokens in the thousands, N, K = 384..4096):
+    128 x 128 tiles with 8 warps; 64-row tiles when M or N is small (the head, tiny batches), so the grid
+    still covers the SMs."""
+    candidates = _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32
+    small = M <= 1024 or N <= 256
+    return candidates[3 if dot_dtype != torch.float32 and small else 2 if small else 0]
+
+
+def _pick_tile(key, M, N, dot_dtype, launch) -> dict:
+    """The tile config for one GEMM: fixed under the interpreter; on CUDA the fastest candidate for this
+    key (flags, dtypes, next_power_of_2(M), N, K), measured once per process. Measuring reruns `launch`,
+    which is safe because every output is overwritten, never accumulated into. The pre-tuned default is
+    used without measuring while a CUDA graph is captured or when FASTVIT_AUTOTUNE=0."""
+    if is_interpreter():
+        return _INTERPRETER_TILE
+    if key in _tuned:
+        return _tuned[key]
+    default = _default_tile(M, N, dot_dtype)
+    if os.environ.get("FASTVIT_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return default
+    timings = []
+    for tile in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
+        try:
+            timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
+        except triton.runtime.errors.OutOfResources:
+            continue
+    _tuned[key] = min(timings)[2] if timings else default
+    return _tuned[key]
+
+
+def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, preact=None,
+          row_sum=None, row_sum_u=None, bias=None, residual=None, scale=None, ln_weight=None, ln_bias=None,
+          mean=None, rstd=None, seed=None, z=None, ln_a=False, ln_b=False, grad_a=False, trans_a=False,
+          activation="none"):
+    """out (M, N) = epilogue(prologue(A) @ prologue(B)) with A (M, K), B (K, N) given by their strides.
+
+    out, preact: contiguous (M, N); residual, z: unit column stride. Flags follow the pointers given."""
+    flags = dict(
+        LN_A=ln_a, LN_B=ln_b, HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None, GRAD_A=grad_a,
+        TRANS_A=trans_a, ROWSUM_DZ=row_sum is not None, ROWSUM_DU=row_sum_u is not None,
+        HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0,
+        HAS_RESIDUAL=residual is not None, SAVE_PREACT=preact is not None,
+        DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision(dot_dtype),
+    )
+
+    def launch(tile):
+        grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]),)
+        _linear_kernel[grid](
+            out, preact, row_sum, row_sum_u, a, b, bias, residual, scale, ln_weight, ln_bias, mean, rstd, seed, z,
+            out.stride(0), *a_strides, *b_strides, residual.stride(0) if residual is not None else 0,
+            z.stride(0) if z is not None else 0, M, N, K, n_fwd, dropout_p, **flags, **tile,
+        )  # fmt: skip
+
+    if M == 0 or N == 0:
+        return
+    key = (tuple(flags.items()), out.dtype, a.dtype, b.dtype, triton.next_power_of_2(M), N, K)
+    with device_context(out):
+        launch(_pick_tile(key, M, N, dot_dtype, launch))
+
+
+def _row_stats(x, eps):
+    """fp32 (mean, rstd) of each row of x (M, D), unit column stride."""
+    M, D = x.shape
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(16, 4096 // block_d))
+    mean = new_output((M,), torch.float32, x.device)
+    rstd = new_output((M,), torch.float32, x.device)
+    if M:
+        with device_context(x):
+            _row_stats_kernel[(triton.cdiv(M, block_m),)](
+                mean, rstd, x, x.stride(0), M, D, eps,
+                BLOCK_M=block_m, BLOCK_D=block_d, num_warps=min(16, max(4, block_m * block_d // 512)),
+            )  # fmt: skip
+    return mean, rstd
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def linear_forward(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, *, activation="none",
+                   dropout_p=0.0, eps=1e-6, has_ln=False, save_preact=False, out_dtype=None):
+    """y = residual + ls * dropout_p(act(LN?(x) W^T + b)), each piece optional.
+
+    x: (M, K), unit column stride (any dtype when has_ln: LayerNorm reads it and computes in fp32;
+    else weight's dtype); weight: (N, K) any strides, its dtype is the compute dtype; bias, layer_scale:
+    (N,); residual: (M, N), unit column stride; ln_weight, ln_bias: (K,) or None; seed: (1,) int64 on
+    x's device when dropout_p > 0. Returns y (M, N) contiguous in out_dtype (default weight's dtype),
+    preact z (M, N) in weight's dtype when save_preact (else None), and fp32 mean, rstd (M,) when has_ln
+    (else None).
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    y = new_output((M, N), out_dtype or weight.dtype, x.device)
+    preact = new_output((M, N), weight.dtype, x.device) if save_preact else None
+    mean, rstd = _row_stats(x, eps) if has_ln else (None, None)
+    _gemm(
+        y, x, weight, x.stride(), (weight.stride(1), weight.stride(0)), M, N, K, dot_dtype=weight.dtype,
+        n_fwd=N, dropout_p=dropout_p, preact=preact, bias=bias, residual=residual, scale=layer_scale,
+        ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd, seed=seed, ln_a=has_ln, activation=activation,
+    )  # fmt: skip
+    return y, preact, mean, rstd
+
+
+def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, *,
+                    activation="none", dropout_p=0.0, needs=(True,) * 6):
+    """Gradients of linear_forward (without the residual's, which is dy itself).
+
+    dy: (M, N) unit column stride; x, weight, layer_scale, ln_weight, ln_bias, seed as in the forward;
+    preact: (M, N) saved z, needed when activation != "none" or dlayer_scale is asked for; mean, rstd:
+    the forward's fp32 statistics when it had LayerNorm, else None. needs: which of (dx, dweight, dbias,
+    dlayer_scale, dln_weight, dln_bias) to compute. Returns those six, each None when not asked for; dx in
+    x's dtype, dweight and dbias in weight's, dlayer_scale in its own, LayerNorm's in their own.
+    """
+    need_dx, need_dw, need_db, need_dls, need_dlw, need_dlb = needs
+    M, N = dy.shape
+    K = x.shape[1]
+    has_ln = mean is not None
+    prologue = dict(dot_dtype=weight.dtype, n_fwd=N, dropout_p=dropout_p, scale=layer_scale, seed=seed,
+                    z=preact, grad_a=True, activation=activation)
+    dx = dweight = dbias = dscale = dln_weight = dln_bias = None
+
+    if need_dx or need_dlw or need_dlb:
+        # dx_in = dz W, kept in fp32 when LayerNorm's backward still has to consume it
+        dx_in = new_output((M, K), torch.float32 if has_ln else x.dtype, x.device)
+        _gemm(dx_in, dy, weight, dy.stride(), weight.stride(), M, K, N, **prologue)
+        dx = dx_in
+        if has_ln:
+            dx, dln_weight, dln_bias = layer_norm_backward(dx_in, x, ln_weight, mean, rstd, need_dlw, need_dlb)
+            if dln_bias is not None:
+                dln_bias = dln_bias.to(ln_bias.dtype)
+
+    if need_dw or need_db or need_dls:
+        # dW = dz^T LN?(x): A is dy read transposed, B is x normalised again from the saved statistics
+        dweight = new_output((N, K), weight.dtype, x.device)
+        row_sum = new_output((N,), torch.float32, x.device) if need_db else None
+        row_sum_u = new_output((N,), torch.float32, x.device) if need_dls else None
+        _gemm(dweight, dy, x, (dy.stride(1), dy.stride(0)), x.stride(), N, K, M, row_sum=row_sum,
+              row_sum_u=row_sum_u, ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd, ln_b=has_ln,
+              trans_a=True, **prologue)  # fmt: skip
+        dbias = row_sum.to(weight.dtype) if need_db else None
+        dscale = row_sum_u.to(layer_scale.dtype) if need_dls else None
+
+    keep = (need_dx, need_dw, need_db, need_dls, need_dlw, need_dlb)
+    grads = (dx, dweight, dbias, dscale, dln_weight, dln_bias)
+    return tuple(g if k else None for g, k in zip(grads, keep))
