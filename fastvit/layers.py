@@ -1,0 +1,133 @@
+"""timm-named modules for the fused ViT, and the fused block forward.
+
+The modules only hold parameters under timm's names (so state_dicts load unchanged) and mirror timm's
+attribute layout (block.norm1, block.attn.qkv, block.attn.attn_drop, block.ls1.gamma, block.mlp.fc1, ...).
+`block_forward` reads exactly those attributes, so the same fused code path runs fastvit's Block and, via
+fastvit.patch_timm, timm's own Block instances.
+
+One block forward, as launches (training adds dropout inside the same launches):
+
+    [LN1 > QKV GEMM + bias]  [attention on packed qkv]  [proj GEMM + bias (+ LayerScale) + residual]
+    [LN2 > fc1 GEMM + bias > GELU]  [fc2 GEMM + bias (+ LayerScale) + residual]
+"""
+import torch
+import torch.nn as nn
+
+from fastvit import ops
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True, proj_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim: {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, approximate="none", bias=True, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU(approximate=approximate)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a residual branch per sample in training, rescaling the survivors."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_bias=True, init_values=None,
+                 eps=1e-6, approximate="none", attn_drop=0.0, proj_drop=0.0, drop_path=0.0):  # fmt: skip
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, attn_drop, proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate, proj_bias, proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        return block_forward(self, x)
+
+
+def _active_p(dropout: nn.Module) -> float:
+    """The dropout probability that applies now: nn.Dropout's p in training mode, else 0."""
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _drop_path_active(drop_path: nn.Module) -> bool:
+    return drop_path.training and float(getattr(drop_path, "drop_prob", 0.0)) > 0.0
+
+
+def _residual_linear(x, linear, layer_scale, drop_path, dropout, residual):
+    """residual + drop_path(layer_scale * dropout(linear(x))): one GEMM launch unless drop_path is active.
+
+    Stochastic depth scales each sample's branch by 0 or 1/(1-p) before the add, so while it is active
+    the add runs in PyTorch; in eval (and at drop_path_rate 0) the residual add is fused in the epilogue.
+    """
+    gamma = getattr(layer_scale, "gamma", None)
+    p = _active_p(dropout)
+    if _drop_path_active(drop_path):
+        return residual + drop_path(ops.linear(x, linear.weight, linear.bias, layer_scale=gamma, dropout_p=p))
+    return ops.linear(x, linear.weight, linear.bias, residual=residual, layer_scale=gamma, dropout_p=p)
+
+
+def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One pre-norm transformer block on the fused ops. x: (B, N, D) -> (B, N, D).
+
+    Works on any module with timm's Block attributes (fastvit.layers.Block or timm's own Block).
+    """
+    attn, mlp = block.attn, block.mlp
+    qkv = ops.layer_norm_linear(x, block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                                eps=block.norm1.eps)  # (B, N, 3D)  # fmt: skip
+    o = ops.qkv_attention(qkv, attn.num_heads, scale=attn.scale, dropout_p=_active_p(attn.attn_drop))  # (B, N, D)
+    x = _residual_linear(o, attn.proj, block.ls1, block.drop_path1, attn.proj_drop, x)
+
+    h = ops.layer_norm_linear(x, block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
+                              eps=block.norm2.eps, activation=gelu_name(mlp.act))  # (B, N, hidden)  # fmt: skip
+    if _active_p(mlp.drop1):
+        h = mlp.drop1(h)
+    return _residual_linear(h, mlp.fc2, block.ls2, block.drop_path2, mlp.drop2, x)
+
+
+def gelu_name(act: nn.Module) -> str:
+    """The fused-op activation for a GELU module: "gelu" (exact erf) or "gelu_tanh" (tanh approximation).
+
+    Accepts torch's nn.GELU and timm's GELU / GELUTanh; anything else cannot be fused.
+    """
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    kind = {"GELU": "gelu", "GELUTanh": "gelu_tanh"}.get(type(act).__name__)
+    if kind is None:
+        raise NotImplementedError(f"act_layer: fastvit fuses GELU only, got {type(act).__name__}")
+    return kind

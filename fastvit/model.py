@@ -1,0 +1,346 @@
+"""fastvit.VisionTransformer: timm's VisionTransformer, same constructor kwargs and state_dict keys, with
+every hot path on fastvit's fused ops, plus the timm-named model registry (create_model).
+
+    images ─► [patch-embed GEMM + bias + pos-embed, cls/reg rows]          1 launch
+           ─► depth × block_forward (fastvit.layers)                        5 launches per block
+           ─► [final LN on the pooled rows ▸ head GEMM]                       1-2 launches
+
+forward_features() keeps timm's contract (every token normalised); forward() pools first and normalises
+only the pooled rows, which is the same arithmetic for 'token' pooling since LayerNorm is row-wise.
+"""
+import functools
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from fastvit import ops
+from fastvit.layers import Block, gelu_name
+
+POOLS = ("", "token", "avg", "max", "avgmax")
+
+# timm kwargs accepted only at their default value (the feature is not implemented): name -> default
+_UNSUPPORTED_UNLESS_DEFAULT = {
+    "qk_norm": False, "scale_attn_norm": False, "scale_mlp_norm": False, "pos_embed": "learn",
+    "patch_drop_rate": 0.0, "embed_layer": None, "embed_norm_layer": None, "block_fn": None,
+    "mlp_layer": None, "attn_layer": None,
+}  # fmt: skip
+
+
+def _layer_norm_eps(norm_layer) -> float:
+    """eps of a timm norm_layer argument: None (timm's LayerNorm, 1e-6), nn.LayerNorm, or a partial."""
+    if norm_layer is None or norm_layer == "layernorm":
+        return 1e-6
+    func, kwargs = (norm_layer.func, norm_layer.keywords) if isinstance(norm_layer, functools.partial) else (norm_layer, {})
+    if not (isinstance(func, type) and issubclass(func, nn.LayerNorm)):
+        raise NotImplementedError(f"norm_layer: fastvit fuses LayerNorm only, got {norm_layer!r}")
+    return kwargs.get("eps", 1e-6 if func is not nn.LayerNorm else 1e-5)
+
+
+def _gelu_approximate(act_layer) -> str:
+    """"none" or "tanh" from a timm act_layer argument (None, a name, a GELU class or partial)."""
+    if act_layer is None or act_layer == "gelu":
+        return "none"
+    if act_layer == "gelu_tanh":
+        return "tanh"
+    if isinstance(act_layer, str):
+        raise NotImplementedError(f"act_layer: fastvit fuses GELU only, got {act_layer!r}")
+    module = act_layer()
+    return "tanh" if gelu_name(module) == "gelu_tanh" else "none"
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class PatchEmbed(nn.Module):
+    """Holds the stride-P convolution's parameters (timm's patch_embed.proj) and the grid geometry; the
+    arithmetic runs in fastvit.ops.patch_embed, fused with the position embedding and prefix tokens."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True, dynamic_img_pad=False):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        if self.patch_size[0] != self.patch_size[1]:
+            raise NotImplementedError(f"patch_size: fastvit supports square patches, got {self.patch_size}")
+        self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.dynamic_img_pad = dynamic_img_pad
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer (Dosovitskiy et al. 2020) on fused Triton kernels; a drop-in for timm's.
+
+    Takes timm's constructor kwargs and produces timm's state_dict keys. A kwarg whose feature fastvit
+    does not implement (qk_norm, attention pooling, patch dropout, custom layers) raises
+    NotImplementedError naming it, rather than being silently ignored.
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        init_values: Optional[float] = None,
+        class_token: bool = True,
+        no_embed_class: bool = False,
+        reg_tokens: int = 0,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: Optional[bool] = None,
+        pool_include_prefix: bool = False,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        weight_init: str = "",
+        fix_init: bool = False,
+        norm_layer=None,
+        act_layer=None,
+        device=None,
+        dtype=None,
+        **unsupported,
+    ):
+        super().__init__()
+        for name, value in unsupported.items():
+            if name not in _UNSUPPORTED_UNLESS_DEFAULT:
+                raise TypeError(f"VisionTransformer got an unexpected keyword argument {name!r}")
+            if value != _UNSUPPORTED_UNLESS_DEFAULT[name] and value is not None:
+                raise NotImplementedError(f"{name}={value!r} is not supported by fastvit (only the default)")
+        if global_pool not in POOLS:
+            raise NotImplementedError(f"global_pool: expected one of {POOLS}, got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if weight_init not in ("", "skip", "reset"):
+            raise NotImplementedError(f"weight_init={weight_init!r}: fastvit implements timm's default init only")
+        eps = _layer_norm_eps(norm_layer)
+        approximate = _gelu_approximate(act_layer)
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.has_class_token = class_token
+        self.no_embed_class = no_embed_class
+        self.pool_include_prefix = pool_include_prefix
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, not pre_norm, dynamic_img_pad)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=eps) if pre_norm else nn.Identity()
+        rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, init_values, eps, approximate,
+                  attn_drop_rate, proj_drop_rate, rates[i])
+            for i in range(depth)
+        ])  # fmt: skip
+        self.norm = nn.LayerNorm(embed_dim, eps=eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=eps) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        if weight_init != "skip":
+            self.init_weights()
+        if fix_init:
+            with torch.no_grad():
+                for i, block in enumerate(self.blocks):
+                    block.attn.proj.weight.div_((2.0 * (i + 1)) ** 0.5)
+                    block.mlp.fc2.weight.div_((2.0 * (i + 1)) ** 0.5)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    # ---- timm's utility API -------------------------------------------------------------------------
+
+    def init_weights(self):
+        """timm's default init: truncated-normal(0.02) Linear weights and pos_embed, zero biases,
+        normal(1e-6) class / register tokens."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in POOLS:
+                raise NotImplementedError(f"global_pool: expected one of {POOLS}, got {global_pool!r}")
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs class_token=True")
+            self.global_pool = global_pool
+        ref = self.pos_embed
+        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def _pos_embed_for(self, grid) -> torch.Tensor:
+        """The position embedding for a patch grid: the parameter itself, or (dynamic_img_size) resampled."""
+        if tuple(grid) == self.patch_embed.grid_size:
+            return self.pos_embed
+        from fastvit.pos_embed import resample_pos_embed
+
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return resample_pos_embed(self.pos_embed, tuple(grid), num_prefix_tokens=prefix,
+                                  old_grid=self.patch_embed.grid_size)  # fmt: skip
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, prefix + N, D) tokens with position embeddings."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected images of shape (B, {self.in_chans}, H, W), got {got}")
+        P = self.patch_embed.patch_size[0]
+        H, W = x.shape[-2:]
+        if self.patch_embed.dynamic_img_pad and (H % P or W % P):
+            x = F.pad(x, (0, -W % P, 0, -H % P))  # timm pads right and bottom with zeros
+            H, W = x.shape[-2:]
+        if not self.dynamic_img_size and (H, W) != self.patch_embed.img_size:
+            raise ValueError(f"x: image size {(H, W)} does not match the model's img_size "
+                             f"{self.patch_embed.img_size} (build with dynamic_img_size=True to allow any size)")  # fmt: skip
+        proj = self.patch_embed.proj
+        pos_embed = self._pos_embed_for((H // P, W // P))
+        x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed, self.cls_token, self.reg_token, self.no_embed_class)
+        x = self.pos_drop(x)
+        if isinstance(self.norm_pre, nn.LayerNorm):
+            x = ops.layer_norm(x, self.norm_pre.weight, self.norm_pre.bias, self.norm_pre.eps)
+        return x
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    @staticmethod
+    def _norm(x, norm: nn.Module):
+        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps) if isinstance(norm, nn.LayerNorm) else x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + N, D), every token through the final norm (timm's contract)."""
+        return self._norm(self._blocks(self._embed(x)), self.norm)
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
+        if pool_type == "token":
+            return x[:, 0]
+        x = x if self.pool_include_prefix else x[:, self.num_prefix_tokens:]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "max":
+            return x.amax(dim=1)
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))  # avgmax
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled, fc-normalised features -> logits (or the features with pre_logits=True)."""
+        x = self.pool(x)
+        fuse_norm_into_head = (
+            not pre_logits and isinstance(self.head, nn.Linear) and isinstance(self.fc_norm, nn.LayerNorm)
+            and not (self.head_drop.training and self.head_drop.p > 0)
+        )  # fmt: skip
+        if fuse_norm_into_head:
+            n = self.fc_norm
+            return ops.layer_norm_linear(x, n.weight, n.bias, self.head.weight, self.head.bias, eps=n.eps)
+        x = self.head_drop(self._norm(x, self.fc_norm))
+        if pre_logits or not isinstance(self.head, nn.Linear):
+            return x
+        return ops.linear(x, self.head.weight, self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._blocks(self._embed(x))
+        if self.global_pool == "token":
+            # LayerNorm is row-wise: normalising only the class row equals normalising all rows, then
+            # pooling. Keep the token dim so pool() picks the (normalised) row 0.
+            x = x[:, :1]
+        return self.forward_head(self._norm(x, self.norm))
+
+
+# ---- registry: timm's names and configs ---------------------------------------------------------------
+
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+# The (size, patch, resolution) triples timm registers.
+_VARIANTS = [
+    ("tiny", 16, 224), ("tiny", 16, 384), ("small", 32, 224), ("small", 32, 384), ("small", 16, 224),
+    ("small", 16, 384), ("base", 32, 224), ("base", 32, 384), ("base", 16, 224), ("base", 16, 384),
+    ("large", 32, 224), ("large", 32, 384), ("large", 16, 224), ("large", 16, 384), ("large", 14, 224),
+    ("huge", 14, 224),
+]  # fmt: skip
+MODEL_CONFIGS = {
+    f"vit_{size}_patch{patch}_{res}": dict(_SIZES[size], patch_size=patch, img_size=res)
+    for size, patch, res in _VARIANTS
+}
+
+
+def list_models():
+    return sorted(MODEL_CONFIGS)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs):
+    """A registered ViT by timm's name, with timm's kwargs overriding its config.
+
+    Weights come from `checkpoint_path` (timm .pth / .safetensors, Hugging Face, Google .npz; see
+    fastvit.load_checkpoint). fastvit downloads nothing: pretrained=True without a checkpoint_path is an
+    error that says how to pass one.
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"name: unknown model {name!r}; available: {', '.join(list_models())}")
+    if pretrained and checkpoint_path is None:
+        raise ValueError(
+            f"pretrained=True for {name!r}: fastvit does not download weights. Pass checkpoint_path= a local "
+            f"timm .pth/.safetensors, Hugging Face or Google .npz checkpoint, or build from a timm model with "
+            f"fastvit.from_timm(timm.create_model({name!r}, pretrained=True))"
+        )
+    model = VisionTransformer(**dict(MODEL_CONFIGS[name], **kwargs))
+    if checkpoint_path is not None:
+        from fastvit.weights import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path)
+    return model
