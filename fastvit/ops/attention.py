@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.backend import use_triton
+from fastvit.kernels._helpers import new_output
 from fastvit.kernels.attention import MAX_HEAD_DIM, attention_backward, attention_forward
 
 from ._common import autocast_dtype, check_same_device, check_same_dtype, check_tensor, describe
@@ -109,7 +110,7 @@ def _qkv_attention_fwd(
     B, N, C = qkv.shape
     D = C // 3
     q, k, v = _split_qkv(qkv, num_heads)
-    out = torch.empty((B, N, D), dtype=qkv.dtype, device=qkv.device)  # the kernel writes every element
+    out = new_output((B, N, D), qkv.dtype, qkv.device)
     _, lse = attention_forward(
         q, k, v, scale, dropout_p, seed, out=out.view(B, N, num_heads, D // num_heads).transpose(1, 2)
     )
@@ -131,7 +132,7 @@ def _qkv_attention_bwd(
     head_dim = C // (3 * num_heads)
     q, k, v = _split_qkv(qkv, num_heads)
     as_heads = lambda t: t.view(B, N, num_heads, head_dim).transpose(1, 2)  # noqa: E731  (B, N, D) -> (B, H, N, d)
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
     dq, dk, dv = _split_qkv(dqkv, num_heads)
     attention_backward(
         as_heads(_unit_last_stride(dout).reshape(B, N, C // 3)), q, k, v, as_heads(out), lse, scale, dropout_p, seed,
@@ -192,6 +193,8 @@ def validate_attention(q, k, v, scale, dropout_p):
         raise ValueError(f"k: expected (B, H, d) = {(B, H, d)} like q, got q {describe(q)} and k {describe(k)}")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)} (same length Nk), got {describe(v)}")
+    if Nk == 0 and q.numel() > 0:
+        raise ValueError(f"k: softmax over zero keys is undefined; expected Nk >= 1, got {describe(k)}")
     _check_head_dim("q", q, d)
     return _check_scalars(scale, dropout_p, d)
 
