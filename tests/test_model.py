@@ -1,0 +1,230 @@
+"""The drop-in model: fastvit.VisionTransformer on the Triton kernels (interpreted on CPU) against the
+eager reference and timm with the same weights: logits and every parameter's gradient."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+import fastvit
+from conftest import DEVICE, assert_close
+from fastvit import reference
+
+TINY = dict(img_size=(32, 48), patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+CONFIGS = {
+    "token": {},
+    "avg": dict(global_pool="avg"),
+    "no_class_token": dict(class_token=False, global_pool="avg"),
+    "reg_tokens": dict(reg_tokens=4),
+    "no_embed_class": dict(no_embed_class=True, reg_tokens=2),
+    "layer_scale_no_qkv_bias": dict(init_values=0.1, qkv_bias=False),
+    "square_patch14_head_dim80": dict(img_size=28, patch_size=14, embed_dim=160, num_heads=2),
+    "gelu_tanh_pre_norm": dict(act_layer="gelu_tanh", pre_norm=True, global_pool="avgmax"),
+}
+
+
+def image_batch(kwargs, batch=2):
+    size = kwargs["img_size"]
+    size = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, 3, *size, device=DEVICE)
+
+
+def build(config):
+    kwargs = dict(TINY, **config)
+    torch.manual_seed(0)
+    timm_model = TimmViT(**kwargs).to(DEVICE)
+    with torch.no_grad():  # timm zero-inits biases: randomise them so every bias path is exercised
+        for name, p in timm_model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model = fastvit.VisionTransformer(**kwargs).to(DEVICE)
+    model.load_state_dict(timm_model.state_dict(), strict=True)
+    return kwargs, model, timm_model
+
+
+def gradients(model, images):
+    model.zero_grad()
+    logits = model(images)
+    logits.backward(torch.randn_like(logits, generator=torch.Generator().manual_seed(1)).to(logits))
+    return logits, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_and_every_gradient_match(name):
+    kwargs, model, timm_model = build(CONFIGS[name])
+    images = image_batch(kwargs)
+    logits, grads = gradients(model, images)
+    timm_logits, timm_grads = gradients(timm_model, images)
+    assert_close(logits, timm_logits, atol=1e-4, rtol=1e-4, name="logits vs timm")
+    ref = reference.VisionTransformer(**{k: v for k, v in kwargs.items() if k not in ("act_layer", "pre_norm")},
+                                      approximate="tanh" if kwargs.get("act_layer") else "none").to(DEVICE)
+    if "pre_norm" not in kwargs and kwargs.get("global_pool") != "avgmax":
+        ref.load_state_dict(timm_model.state_dict())
+        assert_close(logits, ref(images), atol=1e-4, rtol=1e-4, name="logits vs reference")
+    assert grads.keys() == timm_grads.keys()
+    for n, g in grads.items():
+        assert g is not None and torch.isfinite(g).all(), f"{n}: no gradient or non-finite"
+        assert_close(g, timm_grads[n], atol=2e-4, rtol=2e-3, name=f"grad {n}")
+
+
+def test_forward_features_and_head_contracts():
+    kwargs, model, timm_model = build({})
+    images = image_batch(kwargs)
+    feats = model.forward_features(images)
+    assert_close(feats, timm_model.forward_features(images), atol=1e-4, rtol=1e-4, name="features")
+    assert_close(model.forward_head(feats, pre_logits=True), timm_model.forward_head(feats, pre_logits=True))
+    model.reset_classifier(3, global_pool="avg")
+    timm_model.reset_classifier(3, global_pool="avg")
+    timm_model.head.load_state_dict(model.head.state_dict())
+    assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4)
+    model.reset_classifier(0)
+    assert model(images).shape == (2, 64)
+
+
+def test_at_most_five_launches_per_block():
+    one = fastvit.VisionTransformer(**dict(TINY, depth=1)).to(DEVICE).eval()
+    two = fastvit.VisionTransformer(**dict(TINY, depth=2)).to(DEVICE).eval()
+    images = image_batch(TINY)
+    counts = []
+    for model in (one, two):
+        with torch.no_grad(), fastvit.count_launches() as launches:
+            model(images)
+        counts.append(launches.total)
+    assert 0 < counts[1] - counts[0] <= 5, f"launches per block forward: {counts[1] - counts[0]} ({counts})"
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    kwargs, model, _ = build({})
+    images = image_batch(kwargs)
+    logits, grads = gradients(model, images)
+    model.set_grad_checkpointing(True)
+    logits_ckpt, grads_ckpt = gradients(model, images)
+    assert torch.equal(logits, logits_ckpt)
+    for n in grads:
+        assert_close(grads_ckpt[n], grads[n], atol=1e-6, rtol=1e-6, name=n)
+
+
+def test_torch_compile_fullgraph():
+    kwargs, model, timm_model = build({})
+    images = image_batch(kwargs)
+    compiled = torch.compile(model, fullgraph=True)
+    logits = compiled(images)
+    logits.sum().backward()
+    assert_close(logits, timm_model(images), atol=1e-4, rtol=1e-4)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_autocast_bf16_over_fp32_weights():
+    kwargs, model, timm_model = build({})
+    images = image_batch(kwargs)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        logits = model(images)
+        timm_logits = timm_model(images)
+    reference_logits = timm_model(images)
+    assert logits.dtype == timm_logits.dtype
+    ours = (logits.float() - reference_logits).abs().max()
+    theirs = (timm_logits.float() - reference_logits).abs().max()
+    assert ours <= 2 * theirs + 1e-2, f"autocast error {ours:.3g} vs timm's {theirs:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pure_low_precision_weights(dtype):
+    kwargs, model, timm_model = build({})
+    images = image_batch(kwargs)
+    logits = model.to(dtype)(images.to(dtype))
+    assert logits.dtype == dtype
+    expected = timm_model(images)
+    eager = timm_model.to(dtype)(images.to(dtype)).float()
+    ours = (logits.float() - expected).abs().max()
+    theirs = (eager - expected).abs().max()
+    assert ours <= 2 * theirs + 1e-2, f"{dtype}: error {ours:.3g} vs eager's {theirs:.3g}"
+
+
+def test_dynamic_img_size_matches_timm():
+    kwargs = dict(TINY, img_size=32, dynamic_img_size=True)
+    torch.manual_seed(0)
+    timm_model = TimmViT(**kwargs).to(DEVICE).eval()
+    model = fastvit.VisionTransformer(**kwargs).to(DEVICE).eval()
+    model.load_state_dict(timm_model.state_dict())
+    images = torch.randn(1, 3, 48, 40, device=DEVICE)
+    assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_img_pad_matches_timm():
+    kwargs = dict(TINY, img_size=(32, 48), dynamic_img_pad=True)
+    torch.manual_seed(0)
+    timm_model = TimmViT(**kwargs).to(DEVICE).eval()
+    model = fastvit.VisionTransformer(**kwargs).to(DEVICE).eval()
+    model.load_state_dict(timm_model.state_dict())
+    images = torch.randn(1, 3, 30, 43, device=DEVICE)
+    assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4)
+
+
+def test_training_mode_regularisers_run():
+    kwargs = dict(TINY, drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1, pos_drop_rate=0.1, drop_rate=0.1)
+    model = fastvit.VisionTransformer(**kwargs).to(DEVICE).train()
+    images = image_batch(kwargs)
+    logits = model(images)
+    logits.sum().backward()
+    assert torch.isfinite(logits).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images), model(images)), "eval mode must be deterministic"
+
+
+def test_registry_matches_timm():
+    import timm
+
+    assert "vit_base_patch16_224" in fastvit.list_models()
+    for name in ("vit_tiny_patch16_224", "vit_small_patch32_384"):
+        ours = fastvit.create_model(name)
+        theirs = timm.create_model(name)
+        assert ours.patch_embed.img_size == theirs.patch_embed.img_size
+        shapes = {k: v.shape for k, v in ours.state_dict().items()}
+        assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_create_model_errors():
+    with pytest.raises(ValueError, match="name: unknown model 'vit_gigantic'; available: "):
+        fastvit.create_model("vit_gigantic")
+    with pytest.raises(ValueError, match="does not download weights. Pass checkpoint_path="):
+        fastvit.create_model("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_create_model_with_checkpoint_path(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    timm_model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
+    path = tmp_path / "weights.safetensors"
+    save_file(timm_model.state_dict(), str(path))
+    model = fastvit.create_model("vit_tiny_patch16_224", img_size=32, depth=1, checkpoint_path=str(path)).eval()
+    images = torch.randn(1, 3, 32, 32)
+    with fastvit.use_backend("torch"):
+        assert_close(model(images), timm_model(images), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(qk_norm=True), NotImplementedError, "qk_norm=True is not supported"),
+        (dict(global_pool="map"), NotImplementedError, "global_pool: expected one of"),
+        (dict(patch_drop_rate=0.5), NotImplementedError, "patch_drop_rate=0.5"),
+        (dict(weight_init="jax"), NotImplementedError, "weight_init='jax'"),
+        (dict(act_layer="relu"), NotImplementedError, "act_layer: fastvit fuses GELU only"),
+        (dict(norm_layer=torch.nn.BatchNorm1d), NotImplementedError, "norm_layer: fastvit fuses LayerNorm only"),
+        (dict(no_such_kwarg=1), TypeError, "unexpected keyword argument 'no_such_kwarg'"),
+        (dict(class_token=False), ValueError, "global_pool='token' needs class_token=True"),
+        (dict(embed_dim=65), ValueError, "embed_dim: 65 is not divisible by num_heads=2"),
+    ],
+)
+def test_unsupported_kwargs_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastvit.VisionTransformer(**dict(TINY, **kwargs))
+
+
+def test_bad_images_are_named():
+    model = fastvit.VisionTransformer(**TINY)
+    with pytest.raises(ValueError, match=r"x: expected images of shape \(B, 3, H, W\), got shape \(2, 1, 32, 48\)"):
+        model(torch.randn(2, 1, 32, 48))
+    with pytest.raises(ValueError, match="x: image size \\(32, 32\\) does not match the model's img_size"):
+        model(torch.randn(2, 3, 32, 32))
