@@ -598,3 +598,40 @@ def attention_backward(do, q, k, v, o, lse, scale, dropout_p=0.0, seed=None, dq=
             **common, **_launch_options(_INTERPRETER_DKDV_CONFIG),
         )  # fmt: skip
     return dq, dk, dv
+
+
+def compile_configs():
+    """Forward, dQ and dK/dV at ViT's N = 197 (ragged 16-row tails in both directions) for head dims 64, 80
+    (ViT-H/so400m style padded 128) and 128, bf16 and fp16, with each kernel's first (default) autotune
+    candidate; plus the dropout variants at d = 64 bf16."""
+    from ._helpers import KernelConfig
+
+    n_ctx = 197
+    kernels = (
+        ("fwd", _attn_fwd_kernel, _FWD_CONFIGS[0], ("Out", "Q", "K", "V"), ("o", "q", "k", "v"), ("LSE",)),
+        ("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS[0], ("DQ", "Q", "K", "V", "O", "DO"),
+         ("dq", "q", "k", "v", "o", "do"), ("Delta", "LSE")),
+        ("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS[0], ("DK", "DV", "Q", "K", "V", "DO"),
+         ("dk", "dv", "q", "k", "v", "do"), ("LSE", "Delta")),
+    )  # fmt: skip
+    configs = []
+    for head_dim in (64, 80, 128):
+        for dtype in ("bf16", "fp16"):
+            for dropout in (False, True) if (head_dim, dtype) == (64, "bf16") else (False,):
+                for name, kernel, config, tensors, stride_names, fp32_tensors in kernels:
+                    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+                    types = {t: f"*{dtype}" for t in tensors}
+                    types.update({t: "*fp32" for t in fp32_tensors})
+                    types.update({f"stride_{s}{dim}": "i32" for s in stride_names for dim in "bhn"})
+                    types.update({"H": "i32", "N_Q": "i32", "N_KV": "i32", "scale": "fp32", "dropout_p": "fp32"})
+                    if dropout:
+                        types["Seed"] = "*i64"
+                    constexprs = {
+                        "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
+                        "TAIL_M": _tail(n_ctx, block_m), "TAIL_N": _tail(n_ctx, block_n), "DROPOUT": dropout,
+                        "DOT_PRECISION": "tf32", **({} if dropout else {"Seed": None}),
+                    }  # fmt: skip
+                    label = f"{name} N={n_ctx} d={head_dim} {dtype}{' dropout' if dropout else ''}"
+                    configs.append(KernelConfig(kernel, "attention", label, types, constexprs,
+                                                num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
+    return configs
