@@ -422,3 +422,28 @@ def test_unsupported_timm_features_are_named(fused_ops, kwargs, feature):
         with pytest.raises(NotImplementedError, match=feature):
             weights.patch_timm(source)
         assert type(source) is timm_vit.VisionTransformer, "a refused model must be left untouched"
+
+
+def test_patched_blocks_run_the_triton_kernels(fused_ops):
+    """patch_timm's blocks on the Triton path (interpreted on CPU): forward and every gradient vs timm."""
+    from fastvit.kernels._helpers import can_run_on
+
+    if not can_run_on(torch.device("cpu")):
+        pytest.skip("Triton cannot run here (no GPU and no interpreter)")
+    source = timm_model(img_size=16, embed_dim=32, num_heads=2, depth=1, init_values=0.1)
+    patched = weights.patch_timm(copy.deepcopy(source))
+    tokens = torch.randn(2, 5, 32)
+    from fastvit.launches import count_launches
+
+    with use_backend("triton"), count_launches() as launches:
+        actual = patched.blocks(tokens)
+        forward_launches = dict(launches.by_kernel)
+        actual.backward(torch.ones_like(actual))
+    # the block's four GEMMs and its attention ran as kernels (the launch budget is the model tests' job)
+    assert forward_launches.get("_linear_kernel") == 4 and forward_launches.get("_attn_fwd_kernel") == 1, launches
+    expected = source.blocks(tokens)
+    expected.backward(torch.ones_like(expected))
+    assert_close(actual, expected, atol=1e-4, rtol=1e-4, name="block output")
+    reference = dict(source.named_parameters())
+    for name, p in patched.blocks.named_parameters():
+        assert_close(p.grad, reference[f"blocks.{name}"].grad, atol=1e-4, rtol=1e-4, name=f"grad blocks.{name}")
