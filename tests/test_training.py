@@ -9,7 +9,7 @@ import fastvit
 from conftest import DEVICE
 from fastvit import reference
 
-CONFIG = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=1, mlp_ratio=2)
+CONFIG = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2)
 STEPS, BATCH = 150, 64
 
 
@@ -25,7 +25,8 @@ def digits():
 
 
 def train(model, images, labels):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, STEPS)
     batches = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(STEPS):
@@ -34,6 +35,7 @@ def train(model, images, labels):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
     return torch.tensor(losses)
 
