@@ -42,11 +42,12 @@ import triton
 import triton.language as tl
 
 from ._helpers import TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, new_output
+from .layer_norm import _config as layer_norm_config
 from .layer_norm import layer_norm_backward
 
-_SQRT_1_2 = 0.7071067811865476
-_SQRT_2_PI = 0.7978845608028654  # sqrt(2 / pi), the tanh approximation's constant
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi), the Gaussian density's constant
+_SQRT_1_2 = tl.constexpr(0.7071067811865476)
+_SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), the tanh approximation's constant
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi), the Gaussian density's constant
 
 
 @triton.jit
@@ -261,9 +262,10 @@ def _row_stats_kernel(
 # ----------------------------------------------------------------------------------------------- configs
 
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# Under the interpreter every program costs milliseconds of Python: few, large-ish tiles; the tests'
-# shapes (K = 100, N = 48 / 200, M = 17 / 397) still leave ragged tails in every dim.
-_INTERPRETER_TILE = dict(zip(_TILE_KEYS, (64, 64, 32, 4, 4, 1)))
+# Under the interpreter every tl op costs ~0.1 ms of Python whatever the tile size: few, large tiles. The
+# tests' shapes (K = 100, N = 48 / 200 / 576, M = 17 / 397) still leave ragged tails in every dim, and
+# M = 397 (4 row-blocks) makes 2 program groups.
+_INTERPRETER_TILE = dict(zip(_TILE_KEYS, (128, 128, 64, 2, 4, 1)))
 # Hopper / Ampere candidates: 128-row tiles feed wgmma with 2 warpgroups (8 warps) or 1 (4 warps);
 # 16-bit operands take BLOCK_K = 64 (128-byte rows for the swizzled shared-memory layout), fp32 half that.
 _CANDIDATES_16 = [dict(zip(_TILE_KEYS, t)) for t in (
@@ -339,17 +341,15 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
 
 
 def _row_stats(x, eps):
-    """fp32 (mean, rstd) of each row of x (M, D), unit column stride."""
+    """fp32 (mean, rstd) of each row of x (M, D), unit column stride, with LayerNorm's row tiling."""
     M, D = x.shape
-    block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(16, 4096 // block_d))
+    block_m, block_d, num_warps = layer_norm_config(D)
     mean = new_output((M,), torch.float32, x.device)
     rstd = new_output((M,), torch.float32, x.device)
     if M:
         with device_context(x):
             _row_stats_kernel[(triton.cdiv(M, block_m),)](
-                mean, rstd, x, x.stride(0), M, D, eps,
-                BLOCK_M=block_m, BLOCK_D=block_d, num_warps=min(16, max(4, block_m * block_d // 512)),
+                mean, rstd, x, x.stride(0), M, D, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
             )  # fmt: skip
     return mean, rstd
 
@@ -423,3 +423,72 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
     keep = (need_dx, need_dw, need_db, need_dls, need_dlw, need_dlb)
     grads = (dx, dweight, dbias, dscale, dln_weight, dln_bias)
     return tuple(g if k else None for g, k in zip(grads, keep))
+
+
+def compile_configs():
+    """Every GEMM the model launches (forward, dx and dW of each Linear) in bf16, fp16 and fp32, at the
+    pre-tuned default tiles for large and small M; unit strides are constexpr 1, as the JIT specialises
+    them."""
+    pointers = ("C", "Preact", "RowSum", "RowSumU", "A", "B", "Bias", "Residual", "Scale", "LnW", "LnB", "Mean",
+                "Rstd", "Seed", "Z")
+    uses = {  # label -> (pointers used, flags): the fused ops of one block, the head and their gradients
+        "LN->qkv+bias": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd"},
+                         dict(LN_A=True, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True)),
+        "proj/fc2+bias+residual": ({"A", "B", "Bias", "Residual"}, dict(HAS_BIAS=True, HAS_RESIDUAL=True)),
+        "LN->fc1+bias+gelu": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd", "Preact"},
+                              dict(LN_A=True, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True, ACTIVATION="gelu",
+                                   SAVE_PREACT=True)),
+        "fc2+bias+dropout+ls+residual": ({"A", "B", "Bias", "Residual", "Scale", "Seed", "Preact"},
+                                         dict(HAS_BIAS=True, DROPOUT=True, HAS_SCALE=True, HAS_RESIDUAL=True,
+                                              SAVE_PREACT=True)),
+        "dx plain": ({"A", "B"}, dict(GRAD_A=True)),
+        "dx through gelu": ({"A", "B", "Z"}, dict(GRAD_A=True, ACTIVATION="gelu")),
+        "dW+db": ({"A", "B", "RowSum"}, dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True)),
+        "dW+db through gelu, LN(x)": ({"A", "B", "RowSum", "Z", "LnW", "LnB", "Mean", "Rstd"},
+                                      dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, ACTIVATION="gelu", LN_B=True,
+                                           HAS_LN_W=True, HAS_LN_B=True)),
+    }
+    off = dict(LN_A=False, LN_B=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False, TRANS_A=False,
+               ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False, DROPOUT=False,
+               HAS_RESIDUAL=False, SAVE_PREACT=False)
+    configs = []
+    for D in (384, 768, 1024, 1280):
+        block_m, block_d, num_warps = layer_norm_config(D)
+        for dtype in ("bf16", "fp32"):
+            configs.append(KernelConfig(
+                _row_stats_kernel, "rowwise", f"LN statistics D={D} {dtype}",
+                types={"Mean": "*fp32", "Rstd": "*fp32", "X": f"*{dtype}", "stride_x_row": "i32", "M": "i32",
+                       "D": "i32", "eps": "fp32"},
+                constexprs={"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=num_warps,
+            ))  # fmt: skip
+    for torch_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        dtype = TORCH_TO_TRITON_DTYPE[torch_dtype]
+        for label, (used, flags) in uses.items():
+            trans = flags.get("TRANS_A", False)
+            # under autocast the residual stream (x of LN->GEMM, the residual, the output) stays fp32
+            stream = "fp32" if flags.get("LN_A") or flags.get("HAS_RESIDUAL") else dtype
+            types = {name: f"*{dtype}" for name in used}
+            types.update({name: "*fp32" for name in ("RowSum", "RowSumU", "Mean", "Rstd") if name in used})
+            types.update({"Seed": "*i64"} if "Seed" in used else {})
+            types.update({"A": f"*{stream}" if flags.get("LN_A") else f"*{dtype}",
+                          "Residual": "*fp32", "C": "*fp32" if flags.get("HAS_RESIDUAL") else f"*{dtype}"})
+            types = {k: v for k, v in types.items() if k in used or k == "C"}
+            strides = {"stride_cm": "i32", "stride_am": "i32", "stride_bk": "i32", "stride_rm": "i32",
+                       "stride_zm": "i32", "M": "i32", "N": "i32", "K": "i32", "n_fwd": "i32", "dropout_p": "fp32"}
+            # the unit stride: A's columns (or rows when A is dy^T); B is W^T in the forward, W or x after
+            units = {"stride_ak": "i32", "stride_am": 1} if trans else {"stride_ak": 1}
+            units.update({"stride_bn": 1} if flags.get("GRAD_A") else {"stride_bk": 1, "stride_bn": "i32"})
+            strides.update({k: v for k, v in units.items() if v != 1})
+            strides.setdefault("stride_bk", "i32")
+            for tile_m in (50432, 394):
+                tile = _default_tile(tile_m, 768, torch_dtype)
+                constexprs = {name: None for name in pointers if name not in types}
+                constexprs.update({k: v for k, v in units.items() if v == 1})
+                constexprs.update({**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype],
+                                   "DOT_PRECISION": "ieee" if torch_dtype == torch.float32 else "tf32"})
+                constexprs.update({k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
+                configs.append(KernelConfig(
+                    _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **strides},
+                    constexprs=constexprs, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+                ))  # fmt: skip
+    return configs
