@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fastvit.pos_embed import resample_pos_embed
+
 # ---------------------------------------------------------------------------------------------------------
 # Hugging Face transformers ViT
 # ---------------------------------------------------------------------------------------------------------
@@ -391,7 +393,9 @@ def _fit_pos_embed(state_dict, model, layout, path):
     if side * side != theirs.shape[1] - prefix:
         raise ValueError(f"{os.fspath(path)}: pos_embed {tuple(theirs.shape)} is not {prefix} prefix token(s) "
                          f"plus a square grid, so it cannot be resampled to the model's grid {new_grid}")  # fmt: skip
-    state_dict["pos_embed"] = _resample(theirs, new_grid, prefix, (side, side), layout)
+    # the layout names the resampling convention of the checkpoint's own library (fastvit.pos_embed)
+    state_dict["pos_embed"] = resample_pos_embed(theirs, new_grid, num_prefix_tokens=prefix, old_grid=(side, side),
+                                                 style=layout)  # fmt: skip
 
 
 def _model_grid(model, num_patches):
@@ -400,24 +404,6 @@ def _model_grid(model, num_patches):
         return tuple(int(g) for g in grid)
     side = math.isqrt(num_patches)
     return side, side
-
-
-# How each source resamples a position embedding: timm's checkpoint filter, transformers'
-# interpolate_pos_encoding, timm's .npz loader.
-_RESAMPLE_STYLE = {"timm": ("bicubic", True), "hf": ("bicubic", False), "npz": ("bilinear", False)}
-
-
-def _resample(pos_embed, new_grid, num_prefix_tokens, old_grid, style):
-    try:
-        from fastvit.pos_embed import resample_pos_embed
-    except ImportError:  # fastvit.pos_embed not landed yet: timm's function computes the same
-        from timm.layers import resample_abs_pos_embed
-
-        mode, antialias = _RESAMPLE_STYLE[style]
-        return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), num_prefix_tokens,
-                                      interpolation=mode, antialias=antialias)  # fmt: skip
-    return resample_pos_embed(pos_embed, new_grid, num_prefix_tokens=num_prefix_tokens, old_grid=old_grid,
-                              style=style)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
