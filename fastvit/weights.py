@@ -35,8 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fastvit.pos_embed import resample_pos_embed
-
 # ---------------------------------------------------------------------------------------------------------
 # Hugging Face transformers ViT
 # ---------------------------------------------------------------------------------------------------------
@@ -393,7 +391,9 @@ def _fit_pos_embed(state_dict, model, layout, path):
     if side * side != theirs.shape[1] - prefix:
         raise ValueError(f"{os.fspath(path)}: pos_embed {tuple(theirs.shape)} is not {prefix} prefix token(s) "
                          f"plus a square grid, so it cannot be resampled to the model's grid {new_grid}")  # fmt: skip
-    # the layout names the resampling convention of the checkpoint's own library (fastvit.pos_embed)
+    from fastvit.pos_embed import resample_pos_embed
+
+    # the layout names the resampling convention of the checkpoint's own library
     state_dict["pos_embed"] = resample_pos_embed(theirs, new_grid, num_prefix_tokens=prefix, old_grid=(side, side),
                                                  style=layout)  # fmt: skip
 
