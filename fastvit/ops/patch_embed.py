@@ -25,8 +25,87 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.backend import use_triton
+from fastvit.kernels.patch_embed import images_grad_is_channels_last, patch_embed_backward, patch_embed_forward
 
 from ._common import autocast_dtype, check_same_device, check_same_dtype, check_shape, check_tensor, describe
+
+
+@torch.library.custom_op("fastvit::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd(
+    images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor],
+    cls_token: Optional[torch.Tensor], reg_tokens: Optional[torch.Tensor], no_embed_class: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    return patch_embed_forward(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class, out_dtype)
+
+
+@_patch_embed_fwd.register_fake
+def _(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class, out_dtype):
+    P = weight.shape[-1]
+    num_tokens = _num_prefix(cls_token, reg_tokens) + (images.shape[2] // P) * (images.shape[3] // P)
+    return images.new_empty((images.shape[0], num_tokens, weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fastvit::patch_embed_bwd", mutates_args=())
+def _patch_embed_bwd(
+    dtokens: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, num_prefix: int, compute_dimages: bool,
+    compute_dweight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    # custom ops cannot return None: a gradient that was not asked for comes back as an empty tensor
+    dimages, dweight, dtokens_sum = patch_embed_backward(
+        dtokens, images, weight, num_prefix, compute_dimages, compute_dweight
+    )
+    not_computed = images.new_empty((0,))
+    return _or(dimages, not_computed), _or(dweight, not_computed), dtokens_sum
+
+
+def _or(t, default):
+    return default if t is None else t
+
+
+@_patch_embed_bwd.register_fake
+def _(dtokens, images, weight, num_prefix, compute_dimages, compute_dweight):
+    dimages = images.new_empty((0,))
+    if compute_dimages:
+        B, C, H, W = images.shape
+        if images_grad_is_channels_last(images):
+            dimages = images.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
+        else:
+            dimages = images.new_empty(images.shape)
+    dweight = weight.new_empty(weight.shape if compute_dweight else (0,))
+    return dimages, dweight, dtokens.new_empty(dtokens.shape[1:], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class, _ = inputs
+    ctx.save_for_backward(images, weight)
+    ctx.num_prefix = _num_prefix(cls_token, reg_tokens)
+    ctx.no_embed_class = no_embed_class
+    ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (bias, pos_embed, cls_token, reg_tokens))
+
+
+def _backward(ctx, dtokens):
+    images, weight = ctx.saved_tensors
+    prefix, (bias_dtype, pos_dtype, cls_dtype, reg_dtype) = ctx.num_prefix, ctx.param_dtypes
+    need_images, need_weight, need_bias, need_pos, need_cls, need_reg = ctx.needs_input_grad[:6]
+    dimages, dweight, dsum = _patch_embed_bwd(dtokens, images, weight, prefix, need_images, need_weight)
+    has_cls = cls_dtype is not None
+    grads = (
+        dimages if need_images else None,
+        dweight if need_weight else None,
+        dsum[prefix:].sum(0).to(bias_dtype) if need_bias else None,
+        (dsum[prefix:] if ctx.no_embed_class else dsum)[None].to(pos_dtype) if need_pos else None,
+        dsum[None, :1].to(cls_dtype) if need_cls else None,
+        dsum[None, int(has_cls):prefix].to(reg_dtype) if need_reg else None,
+    )
+    return grads + (None, None)
+
+
+_patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _num_prefix(cls_token, reg_tokens):
+    return (cls_token is not None) + (reg_tokens.shape[1] if reg_tokens is not None else 0)
 
 
 def _patch_embed_torch(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class):
@@ -75,7 +154,7 @@ def validate_patch_embed(images, weight, bias, pos_embed, cls_token, reg_tokens,
         raise ValueError(f"reg_tokens: expected shape (1, R, {D}) with R >= 1, got {describe(reg_tokens)}")
 
     grid = (H // P, W // P)
-    num_prefix = (cls_token is not None) + (reg_tokens.shape[1] if reg_tokens is not None else 0)
+    num_prefix = _num_prefix(cls_token, reg_tokens)
     if pos_embed is not None:
         length = grid[0] * grid[1] + (0 if no_embed_class else num_prefix)
         if tuple(pos_embed.shape) != (1, length, D):
@@ -112,4 +191,11 @@ def patch_embed(
                          reg_tokens=reg_tokens)  # fmt: skip
     if not use_triton(images.device):
         return _patch_embed_torch(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class)
-    raise NotImplementedError("fastvit.ops.patch_embed: the Triton path is not ready yet; use set_backend('torch')")
+    out_dtype = images.dtype
+    if cast_to is not None:  # conv2d's autocast cast (images: inside the kernel), then timm's promotion
+        weight = weight.to(cast_to)
+        bias = bias.to(cast_to) if bias is not None else None
+        out_dtype = cast_to
+        for t in (pos_embed, cls_token, reg_tokens):
+            out_dtype = out_dtype if t is None else torch.promote_types(out_dtype, t.dtype)
+    return _patch_embed_fwd(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class, out_dtype)
