@@ -52,8 +52,8 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi), the Gaussian
 
 @triton.jit
 def _tanh(x):
-    # tanh(x) = 2 sigmoid(2x) - 1: tl has no tanh in triton 3.6 outside libdevice
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    # tl has no tanh in triton 3.6 outside libdevice; exp overflowing to inf still gives +-1
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _activation(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == "gelu":
         return 0.5 * z * (1.0 + tl.erf(z * _SQRT_1_2))
     elif ACTIVATION == "gelu_tanh":
-        return 0.5 * z * (1.0 + _tanh(_SQRT_2_PI * (z + 0.044715 * z * z * z)))
+        return 0.5 * z * (1.0 + _tanh((z + 0.044715 * z * z * z) * _SQRT_2_PI))
     else:
         return z
 
@@ -73,7 +73,7 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == "gelu":
         return 0.5 * (1.0 + tl.erf(z * _SQRT_1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     else:
-        t = _tanh(_SQRT_2_PI * (z + 0.044715 * z * z * z))
+        t = _tanh((z + 0.044715 * z * z * z) * _SQRT_2_PI)
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_PI * (1.0 + 3.0 * 0.044715 * z * z)
 
 

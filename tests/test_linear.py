@@ -1,0 +1,294 @@
+"""fastvit.ops.linear / layer_norm_linear on the fused GEMM (kernels/linear.py), through the interpreter on CPU.
+
+Every result and every gradient is compared with an fp64 reference built from plain torch ops, by the
+flash rule: our error <= 2 x the error of the same computation in eager PyTorch at the same dtype
+(+ a small atol). Shapes are the issue's (K, N) list at M in {1, 17, 2 * 197 + 3}, chosen so every
+GEMM has ragged M, N and K tails (the interpreter tile is 128 x 128 x 64) and the 397-row cases run two
+program groups; the biggest shapes run once, in bf16, because interpreter time scales with tiles.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, DTYPES, assert_close, assert_error_within, tolerance
+
+from fastvit.backend import use_backend
+from fastvit.ops.linear import layer_norm_linear, linear
+
+# name -> the pieces of one fused call; `ln` makes it layer_norm_linear
+FUSIONS_ALONE = {
+    "plain": dict(),
+    "bias": dict(bias=True),
+    "gelu": dict(activation="gelu"),
+    "gelu_tanh": dict(activation="gelu_tanh"),
+    "residual": dict(residual=True),
+    "layer_scale": dict(layer_scale=True),
+    "ln": dict(ln=True),
+    "ln_no_affine": dict(ln=True, ln_affine=False),
+}
+MODEL_USES = {  # the Linears of a ViT block and head, each at one of the issue's shapes
+    "ln_qkv_bias": (dict(ln=True, bias=True), (397, 192, 576)),
+    "proj_bias_residual": (dict(bias=True, residual=True), (397, 64, 48)),
+    "ln_fc1_bias_gelu": (dict(ln=True, bias=True, activation="gelu"), (17, 384, 1536)),
+    "fc2_bias_residual": (dict(bias=True, residual=True), (17, 100, 200)),
+    "fc2_bias_layer_scale_residual": (dict(bias=True, residual=True, layer_scale=True), (397, 100, 200)),
+    "ln_fc1_bias_gelu_tanh": (dict(ln=True, bias=True, activation="gelu_tanh"), (1, 100, 200)),
+    "ln_head": (dict(ln=True, bias=True), (17, 768, 1000)),
+}
+
+
+def make_inputs(M, K, N, spec, dtype, lead=()):
+    """fp64 leaf tensors for one call: random, never zeros; LayerNorm inputs get a large mean."""
+    x = torch.randn(*lead, M, K, dtype=torch.float64)
+    inputs = {"x": x + 3.0 if spec.get("ln") else x, "weight": torch.randn(N, K, dtype=torch.float64) / K**0.5}
+    if spec.get("ln") and spec.get("ln_affine", True):
+        inputs["ln_weight"] = torch.rand(K, dtype=torch.float64) + 0.5
+        inputs["ln_bias"] = torch.randn(K, dtype=torch.float64) * 0.5
+    if spec.get("bias"):
+        inputs["bias"] = torch.randn(N, dtype=torch.float64)
+    if spec.get("residual"):
+        inputs["residual"] = torch.randn(*lead, M, N, dtype=torch.float64)
+    if spec.get("layer_scale"):
+        inputs["layer_scale"] = torch.rand(N, dtype=torch.float64) + 0.5
+    return {name: t.to(DEVICE, dtype) for name, t in inputs.items()}
+
+
+def call(inputs, spec, dropout_p=0.0):
+    args = dict(bias=inputs.get("bias"), activation=spec.get("activation"), dropout_p=dropout_p)
+    if spec.get("ln"):
+        return layer_norm_linear(inputs["x"], inputs.get("ln_weight"), inputs.get("ln_bias"), inputs["weight"], **args)
+    return linear(inputs["x"], inputs["weight"], residual=inputs.get("residual"),
+                  layer_scale=inputs.get("layer_scale"), **args)  # fmt: skip
+
+
+def reference(inputs, spec, keep=None, dropout_p=0.0):
+    """The same computation in plain torch ops (fp64 inputs give the fp64 reference)."""
+    x = inputs["x"]
+    if spec.get("ln"):
+        x = F.layer_norm(x, (x.shape[-1],), inputs.get("ln_weight"), inputs.get("ln_bias"), 1e-6)
+    y = F.linear(x, inputs["weight"], inputs.get("bias"))
+    if spec.get("activation"):
+        y = F.gelu(y, approximate="tanh" if spec["activation"] == "gelu_tanh" else "none")
+    if keep is not None:
+        y = y * keep / (1.0 - dropout_p)
+    if "layer_scale" in inputs:
+        y = y * inputs["layer_scale"]
+    if "residual" in inputs:
+        y = inputs["residual"] + y
+    return y
+
+
+def forward_backward(fn, inputs, grad_out):
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    y = fn(leaves)
+    y.backward(grad_out.to(y.dtype))
+    return y.detach(), {name: t.grad for name, t in leaves.items()}
+
+
+def check_against_fp64(M, K, N, spec, dtype):
+    """Output and every gradient: |ours - fp64| <= 2 |eager(dtype) - fp64| + atol."""
+    inputs = make_inputs(M, K, N, spec, dtype)
+    grad_out = torch.randn(M, N, dtype=torch.float64, device=DEVICE)
+    with use_backend("triton"):
+        ours, our_grads = forward_backward(lambda t: call(t, spec), inputs, grad_out)
+    with use_backend("torch"):
+        eager, eager_grads = forward_backward(lambda t: call(t, spec), inputs, grad_out)
+    ref, ref_grads = forward_backward(lambda t: reference(t, spec), {k: v.double() for k, v in inputs.items()}, grad_out)
+
+    assert ours.dtype == dtype and ours.shape == (M, N)
+    for name, actual, expected, base in [("y", ours, ref, eager)] + [
+        (f"d{k}", our_grads[k], ref_grads[k], eager_grads[k]) for k in inputs
+    ]:
+        assert actual is not None and actual.dtype == inputs.get(name[1:], ours).dtype, name
+        atol = tolerance(dtype)[0] * max(1.0, expected.abs().max().item())
+        assert_error_within(actual, base, expected, atol=atol, name=f"{name} M={M} K={K} N={N} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fusion", FUSIONS_ALONE)
+def test_each_fusion_alone(fusion, dtype):
+    check_against_fp64(17, 100, 200, FUSIONS_ALONE[fusion], dtype)
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 64, 48), (397, 64, 48), (397, 100, 200)])
+def test_ragged_shapes_all_epilogues(M, K, N):
+    spec = dict(bias=True, activation="gelu", residual=True, layer_scale=True)
+    check_against_fp64(M, K, N, spec, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("use", MODEL_USES)
+def test_model_uses(use, dtype):
+    spec, (M, K, N) = MODEL_USES[use]
+    if dtype == torch.float32 and K * N > 200_000:
+        pytest.skip("the biggest shapes run once, in bf16 (interpreter time)")
+    check_against_fp64(M, K, N, spec, dtype)
+
+
+def test_fc2_vit_base_shape_forward():
+    """The longest K loop of ViT-B (fc2, K = 3072), forward only: its gradients' GEMMs are the cases above."""
+    spec = dict(bias=True, residual=True)
+    inputs = make_inputs(1, 3072, 768, spec, torch.bfloat16)
+    with use_backend("triton"):
+        ours = call(inputs, spec)
+    with use_backend("torch"):
+        eager = call(inputs, spec)
+    ref = reference({k: v.double() for k, v in inputs.items()}, spec)
+    assert_error_within(ours, eager, ref, atol=tolerance(torch.bfloat16)[0], name="fc2 y")
+
+
+def test_dropout_statistics_and_backward_consistency():
+    """Kept fraction ~ 1 - p; kept values scaled by 1/(1-p); the backward regenerates the forward's mask."""
+    p = 0.25
+    spec = dict(bias=True, activation="gelu", residual=True, layer_scale=True)
+    inputs = make_inputs(64, 64, 256, spec, torch.float32)
+    grad_out = torch.randn(64, 256, dtype=torch.float64, device=DEVICE)
+    with use_backend("triton"):
+        y, grads = forward_backward(lambda t: call(t, spec, dropout_p=p), inputs, grad_out)
+    keep = (y != inputs["residual"]).double()  # a dropped element adds exactly 0 to the residual
+    kept = keep.mean().item()
+    assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5, f"kept fraction {kept}"
+
+    ref, ref_grads = forward_backward(lambda t: reference(t, spec, keep, p), {k: v.double() for k, v in inputs.items()},
+                                      grad_out)  # fmt: skip
+    assert_close(y, ref, name="y with dropout")
+    for name in inputs:
+        assert_close(grads[name], ref_grads[name], atol=1e-3, name=f"d{name} with dropout")
+
+
+def test_dropout_seeded_by_torch_generator():
+    inputs = make_inputs(17, 64, 48, {}, torch.float32)
+    with use_backend("triton"):
+        torch.manual_seed(1)
+        first = call(inputs, {}, dropout_p=0.5)
+        torch.manual_seed(1)
+        again = call(inputs, {}, dropout_p=0.5)
+        other = call(inputs, {}, dropout_p=0.5)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_layer_norm_linear_with_dropout_matches_mask():
+    p = 0.5
+    spec = dict(ln=True, bias=True)
+    inputs = make_inputs(17, 100, 200, spec, torch.float32)
+    grad_out = torch.randn(17, 200, dtype=torch.float64, device=DEVICE)
+    with use_backend("triton"):
+        y, grads = forward_backward(lambda t: call(t, spec, dropout_p=p), inputs, grad_out)
+    keep = (y != 0).double()
+    ref, ref_grads = forward_backward(lambda t: reference(t, spec, keep, p), {k: v.double() for k, v in inputs.items()},
+                                      grad_out)  # fmt: skip
+    assert_close(y, ref, name="y")
+    for name in inputs:
+        assert_close(grads[name], ref_grads[name], atol=1e-3, name=f"d{name}")
+
+
+def test_reruns_are_bitwise_equal():
+    """No atomics anywhere: the forward and every gradient are bitwise reproducible."""
+    spec = dict(ln=True, bias=True, activation="gelu")
+    inputs = make_inputs(397, 100, 200, spec, torch.bfloat16)
+    grad_out = torch.randn(397, 200, device=DEVICE)
+    runs = []
+    with use_backend("triton"):
+        for _ in range(2):
+            torch.manual_seed(3)
+            runs.append(forward_backward(lambda t: call(t, spec, dropout_p=0.1), inputs, grad_out))
+    (y0, g0), (y1, g1) = runs
+    assert torch.equal(y0, y1)
+    for name in inputs:
+        assert torch.equal(g0[name], g1[name]), name
+
+
+def test_leading_dims_row_strides_and_empty():
+    spec = dict(bias=True, activation="gelu", residual=True)
+    inputs = make_inputs(9, 64, 48, spec, torch.float32, lead=(2,))
+    wide = torch.randn(2, 9, 80, device=DEVICE)
+    wide[..., :64] = inputs["x"]
+    inputs["x"] = wide[..., :64]  # row stride 80: read in place
+    with use_backend("triton"):
+        y = call(inputs, spec)
+        empty = linear(torch.randn(0, 3, 64, device=DEVICE), inputs["weight"])
+    assert y.shape == (2, 9, 48) and empty.shape == (0, 3, 48)
+    assert_close(y, reference({k: v.double() for k, v in inputs.items()}, spec), name="strided y")
+
+
+def test_torch_compile_fullgraph():
+    spec = dict(bias=True, activation="gelu", residual=True, layer_scale=True)
+    ln_spec = dict(ln=True, bias=True, activation="gelu_tanh")
+    inputs = make_inputs(17, 64, 48, spec, torch.float32)
+    ln_inputs = make_inputs(17, 64, 48, ln_spec, torch.float32)
+    grad_out = torch.randn(17, 48, device=DEVICE)
+    compiled = torch.compile(call, fullgraph=True)
+    with use_backend("triton"):
+        for s, t in ((spec, inputs), (ln_spec, ln_inputs)):
+            y, grads = forward_backward(lambda leaves: compiled(leaves, s), t, grad_out)
+            y_eager, grads_eager = forward_backward(lambda leaves: call(leaves, s), t, grad_out)
+            assert torch.equal(y, y_eager)
+            for name in t:
+                assert_close(grads[name], grads_eager[name], name=f"compiled d{name}")
+
+
+def test_autocast_policy():
+    """Under bf16 autocast: fp32 params and residual stream in, GEMM in bf16, the residual add stays fp32,
+    LayerNorm reads the fp32 stream; both backends agree on dtypes and (to bf16 accuracy) values."""
+    spec = dict(bias=True, residual=True, layer_scale=True)
+    ln_spec = dict(ln=True, bias=True, activation="gelu")
+    results = {}
+    for backend in ("triton", "torch"):
+        for name, s in (("linear", spec), ("ln", ln_spec)):
+            torch.manual_seed(5)
+            inputs = make_inputs(17, 64, 48, s, torch.float32)
+            grad_out = torch.randn(17, 48, device=DEVICE)
+            with use_backend(backend), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                results[backend, name] = forward_backward(lambda t: call(t, s), inputs, grad_out)
+    assert results["triton", "linear"][0].dtype == torch.float32  # promote(bf16, fp32 residual)
+    assert results["triton", "ln"][0].dtype == torch.bfloat16
+    for name in ("linear", "ln"):
+        (y, grads), (y_eager, grads_eager) = results["triton", name], results["torch", name]
+        assert y.dtype == y_eager.dtype
+        assert_close(y, y_eager, dtype=torch.bfloat16, atol=3e-2, name=f"{name} y")
+        for k in grads:
+            assert grads[k].dtype == torch.float32, k
+            scale = max(1.0, grads_eager[k].abs().max().item())
+            assert_close(grads[k], grads_eager[k], dtype=torch.bfloat16, atol=3e-2 * scale, name=f"{name} d{k}")
+
+
+def test_torch_backend_parity_fp32():
+    spec = dict(ln=True, bias=True, activation="gelu")
+    inputs = make_inputs(17, 100, 200, spec, torch.float32)
+    grad_out = torch.randn(17, 200, device=DEVICE)
+    with use_backend("triton"):
+        y, grads = forward_backward(lambda t: call(t, spec), inputs, grad_out)
+    with use_backend("torch"):
+        y_eager, grads_eager = forward_backward(lambda t: call(t, spec), inputs, grad_out)
+    assert_close(y, y_eager, name="y")
+    for name in inputs:
+        assert_close(grads[name], grads_eager[name], atol=1e-3, name=f"d{name}")
+
+
+def _bad_calls():
+    x, w, b = torch.randn(2, 5, 8), torch.randn(6, 8), torch.randn(6)
+    lw = torch.ones(8)
+    return {
+        "K mismatch": (ValueError, "x", lambda: linear(x, torch.randn(6, 7))),
+        "bias length": (ValueError, "bias", lambda: linear(x, w, torch.randn(5))),
+        "layer_scale length": (ValueError, "layer_scale", lambda: linear(x, w, layer_scale=torch.randn(7))),
+        "residual shape": (ValueError, "residual", lambda: linear(x, w, residual=torch.randn(2, 5, 5))),
+        "weight rank": (ValueError, "weight", lambda: linear(x, torch.randn(48))),
+        "ln_weight length": (ValueError, "weight", lambda: layer_norm_linear(x, torch.ones(7), None, w)),
+        "ln_bias length": (ValueError, "bias", lambda: layer_norm_linear(x, lw, torch.ones(9), w)),
+        "unknown activation": (ValueError, "activation", lambda: linear(x, w, activation="relu")),
+        "dropout_p": (ValueError, "dropout_p", lambda: linear(x, w, dropout_p=1.0)),
+        "eps": (ValueError, "eps", lambda: layer_norm_linear(x, lw, None, w, eps=0.0)),
+        "mixed dtypes": (TypeError, "bias", lambda: linear(x, w, b.half())),
+        "mixed residual dtype": (TypeError, "residual", lambda: linear(x, w, residual=torch.randn(2, 5, 6).double())),
+        "mixed devices": (ValueError, "bias on meta", lambda: linear(x, w, b.to("meta"))),
+        "not a tensor": (TypeError, "weight", lambda: linear(x, w.tolist())),
+        "integer x": (TypeError, "x", lambda: linear(x.long(), w)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_bad_input_is_rejected_before_launch(case):
+    error, mentions, bad_call = _bad_calls()[case]
+    with use_backend("triton"), pytest.raises(error, match=mentions):
+        bad_call()
