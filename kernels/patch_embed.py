@@ -148,8 +148,8 @@ def _gemm_tile(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
+        offs_k = tl.multiple_of(k, BLOCK_K) + tl.arange(0, BLOCK_K)  # k_start is a multiple of BLOCK_K
+        mask_k = offs_k < K  # slices end on a BLOCK_K boundary or at K, so only K cuts a step short
         a_k = _offsets(offs_k, KIND_A_K, GH, GW, P, stride_a_k0, stride_a_k1, stride_a_k2)
         b_k = _offsets(offs_k, KIND_B_K, GH, GW, P, stride_b_k0, stride_b_k1, stride_b_k2)
         a = tl.load(a_rows + a_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
