@@ -136,23 +136,31 @@ def test_fc2_vit_base_shape_forward():
     assert_error_within(ours, eager, ref, atol=tolerance(torch.bfloat16)[0], name="fc2 y")
 
 
-def test_dropout_statistics_and_backward_consistency():
-    """Kept fraction ~ 1 - p; kept values scaled by 1/(1-p); the backward regenerates the forward's mask."""
-    p = 0.25
-    spec = dict(bias=True, activation="gelu", residual=True, layer_scale=True)
-    inputs = make_inputs(64, 64, 256, spec, torch.float32)
-    grad_out = torch.randn(64, 256, dtype=torch.float64, device=DEVICE)
+def run_with_dropout(M, K, N, spec, p, dropped):
+    """Forward + backward with dropout; recovers the keep-mask from the output (`dropped(y, inputs)`) and
+    checks the output and every gradient against the fp64 reference with that mask: the backward must
+    regenerate exactly the forward's mask. Returns the keep-mask."""
+    inputs = make_inputs(M, K, N, spec, torch.float32)
+    grad_out = torch.randn(M, N, dtype=torch.float64, device=DEVICE)
     with use_backend("triton"):
         y, grads = forward_backward(lambda t: call(t, spec, dropout_p=p), inputs, grad_out)
-    keep = (y != inputs["residual"]).double()  # a dropped element adds exactly 0 to the residual
-    kept = keep.mean().item()
-    assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5, f"kept fraction {kept}"
-
+    keep = (~dropped(y, inputs)).double()
     ref, ref_grads = forward_backward(lambda t: reference(t, spec, keep, p), {k: v.double() for k, v in inputs.items()},
                                       grad_out)  # fmt: skip
     assert_close(y, ref, name="y with dropout")
     for name in inputs:
         assert_close(grads[name], ref_grads[name], atol=1e-3, name=f"d{name} with dropout")
+    return keep
+
+
+def test_dropout_statistics_and_backward_consistency():
+    """Kept fraction ~ 1 - p; kept values scaled by 1/(1-p); the backward regenerates the forward's mask."""
+    p = 0.25
+    spec = dict(bias=True, activation="gelu", residual=True, layer_scale=True)
+    # a dropped element adds exactly 0 to the residual
+    keep = run_with_dropout(64, 64, 256, spec, p, lambda y, inputs: y == inputs["residual"])
+    kept = keep.mean().item()
+    assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5, f"kept fraction {kept}"
 
 
 def test_dropout_seeded_by_torch_generator():
@@ -167,19 +175,8 @@ def test_dropout_seeded_by_torch_generator():
     assert not torch.equal(first, other)
 
 
-def test_layer_norm_linear_with_dropout_matches_mask():
-    p = 0.5
-    spec = dict(ln=True, bias=True)
-    inputs = make_inputs(17, 100, 200, spec, torch.float32)
-    grad_out = torch.randn(17, 200, dtype=torch.float64, device=DEVICE)
-    with use_backend("triton"):
-        y, grads = forward_backward(lambda t: call(t, spec, dropout_p=p), inputs, grad_out)
-    keep = (y != 0).double()
-    ref, ref_grads = forward_backward(lambda t: reference(t, spec, keep, p), {k: v.double() for k, v in inputs.items()},
-                                      grad_out)  # fmt: skip
-    assert_close(y, ref, name="y")
-    for name in inputs:
-        assert_close(grads[name], ref_grads[name], atol=1e-3, name=f"d{name}")
+def test_layer_norm_linear_with_dropout():
+    run_with_dropout(17, 100, 200, dict(ln=True, bias=True), 0.5, lambda y, inputs: y == 0)
 
 
 def test_reruns_are_bitwise_equal():
