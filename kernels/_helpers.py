@@ -80,7 +80,9 @@ class KernelConfig:
     kernel: object  # the @triton.jit function
     kind: str  # "rowwise", "gemm", "attention", ...
     label: str  # what the config is for, e.g. "D=768 bf16"
-    types: dict  # runtime argument name -> Triton type string ("*bf16", "*fp32", "i32", "fp32")
+    # runtime argument name -> Triton type string ("*bf16", "*fp32", "i32", "fp32"); an integer known to
+    # be a multiple of 16 in production shapes is written "i32:16"
+    types: dict
     constexprs: dict  # constexpr argument name -> value (None-pointer arguments are constexpr None)
     num_warps: int = 4
     num_stages: int = 3
@@ -92,7 +94,18 @@ class KernelConfig:
             if name in self.constexprs:
                 signature[name] = "constexpr"
             elif name in self.types:
-                signature[name] = self.types[name]
+                signature[name] = self.types[name].split(":")[0]
             else:
                 raise KeyError(f"{self.kernel.__name__} [{self.label}]: no type or constexpr for argument {name!r}")
         return signature
+
+    def attrs(self) -> dict:
+        """The divisibility hints the JIT would attach at run time: pointers are 16-byte aligned (torch
+        allocations are) and "i32:16" integers are multiples of 16. Without them an ahead-of-time
+        compile vectorises nothing and reports spills the real launch never has."""
+        attrs = {}
+        for index, name in enumerate(self.kernel.arg_names):
+            type_ = self.types.get(name, "") if name not in self.constexprs else ""
+            if type_.startswith("*") or type_.endswith(":16"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        return attrs

@@ -219,16 +219,16 @@ def compile_configs():
             configs.append(KernelConfig(
                 _layer_norm_fwd_kernel, "rowwise", f"fwd D={D} {dtype}",
                 types={"Y": f"*{dtype}", "Mean": "*fp32", "Rstd": "*fp32", "X": f"*{dtype}", "W": f"*{dtype}",
-                       "B": f"*{dtype}", "stride_y_row": "i32", "stride_x_row": "i32", "M": "i32", "D": "i32",
+                       "B": f"*{dtype}", "stride_y_row": "i32:16", "stride_x_row": "i32:16", "M": "i32", "D": "i32:16",
                        "eps": "fp32"},
                 constexprs={"HAS_WEIGHT": True, "HAS_BIAS": True, **shapes}, num_warps=num_warps,
             ))  # fmt: skip
             configs.append(KernelConfig(
                 _layer_norm_bwd_kernel, "rowwise", f"bwd D={D} {dtype}",
                 types={"DX": f"*{dtype}", "DW_partial": "*fp32", "DB_partial": "*fp32", "DY": f"*{dtype}",
-                       "X": f"*{dtype}", "W": f"*{dtype}", "Mean": "*fp32", "Rstd": "*fp32", "stride_dx_row": "i32",
-                       "stride_dy_row": "i32", "stride_x_row": "i32", "M": "i32", "D": "i32",
-                       "rows_per_program": "i32"},
+                       "X": f"*{dtype}", "W": f"*{dtype}", "Mean": "*fp32", "Rstd": "*fp32", "stride_dx_row": "i32:16",
+                       "stride_dy_row": "i32:16", "stride_x_row": "i32:16", "M": "i32", "D": "i32:16",
+                       "rows_per_program": "i32:16"},
                 constexprs={"HAS_WEIGHT": True, "COMPUTE_DW": True, "COMPUTE_DB": True, **shapes},
                 num_warps=num_warps,
             ))  # fmt: skip
