@@ -29,11 +29,12 @@ Design:
 - Plain pointer loads, no tensor descriptors (triton 3.6's descriptors do not run in the interpreter that
   tests this file); on sm_90 tl.dot still lowers to wgmma (HGMMA) for BLOCK_M >= 64 and num_warps a
   multiple of 4, on sm_80 to mma.sync (HMMA): see compile_configs().
-- Configs: a fixed small config under the interpreter; on CUDA a measured pick among a few candidates per
-  bucketed (M, N, K) and flag set, cached per process, with a pre-tuned default for ViT-S/B/L shapes used
-  while a CUDA graph is being captured or when FASTVIT_AUTOTUNE=0.
+- Configs: one fixed config under the interpreter; on CUDA a measured pick among a few candidates per
+  bucketed (M, N, K), dtype and flag set, cached per process, with a pre-tuned default for ViT-S/B/L
+  shapes used while a CUDA graph is being captured or when FASTVIT_AUTOTUNE=0.
 
-Limits: x's last dim and W's last dim have stride 1 (rows may have any stride); offsets are int64.
+Limits: x, dy and W may have any strides (unit last-dim strides give vector loads); the residual and the
+saved z need a unit column stride; outputs are contiguous; offsets are int64.
 """
 import os
 
@@ -283,9 +284,10 @@ def _default_tile(M: int, N: int, dot_dtype: torch.dtype) -> dict:
     """The pre-tuned pick for ViT-S/B/L shapes (M = batch x 197 tokens in the thousands, N, K = 384..4096):
     128 x 128 tiles with 8 warps; 64-row tiles when M or N is small (the head, tiny batches), so the grid
     still covers the SMs."""
-    candidates = _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32
-    small = M <= 1024 or N <= 256
-    return candidates[3 if dot_dtype != torch.float32 and small else 2 if small else 0]
+    wide = dot_dtype != torch.float32  # 16-bit operands
+    if M <= 1024 or N <= 256:
+        return _CANDIDATES_16[3] if wide else _CANDIDATES_32[2]  # 64 x 128, 4 warps
+    return _CANDIDATES_16[0] if wide else _CANDIDATES_32[0]  # 128 x 128, 8 warps
 
 
 def _pick_tile(key, M, N, dot_dtype, launch) -> dict:
@@ -428,7 +430,8 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
 def compile_configs():
     """Every GEMM the model launches (forward, dx and dW of each Linear) in bf16, fp16 and fp32, at the
     pre-tuned default tiles for large and small M; unit strides are constexpr 1, as the JIT specialises
-    them."""
+    them. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
+    matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
     pointers = ("C", "Preact", "RowSum", "RowSumU", "A", "B", "Bias", "Residual", "Scale", "LnW", "LnB", "Mean",
                 "Rstd", "Seed", "Z")
     uses = {  # label -> (pointers used, flags): the fused ops of one block, the head and their gradients
@@ -484,8 +487,7 @@ def compile_configs():
                 tile = _default_tile(tile_m, 768, torch_dtype)
                 constexprs = {name: None for name in pointers if name not in types}
                 constexprs.update({k: v for k, v in units.items() if v == 1})
-                constexprs.update({**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype],
-                                   "DOT_PRECISION": "ieee" if torch_dtype == torch.float32 else "tf32"})
+                constexprs.update({**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype], "DOT_PRECISION": "tf32"})
                 constexprs.update({k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
                 configs.append(KernelConfig(
                     _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **strides},
