@@ -472,49 +472,54 @@ def _tail(n: int, block: int) -> int:
 _TAILS = {"TAIL_M": lambda args: _tail(args["N_Q"], args["BLOCK_M"]), "TAIL_N": lambda args: _tail(args["N_KV"], args["BLOCK_N"])}
 
 
-def _configs(shapes):
+def _configs(table):
+    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) of a {BLOCK_D: candidates} table as triton.Configs."""
+    shapes = sorted({shape for candidates in table.values() for shape in candidates})
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates. 64-row query tiles keep the N = 197 tail small;
-# 128-row tiles with 8 warps win on longer sequences (577, 785, ...).
-_FWD_CONFIGS = _configs([(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)])
-_DQ_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3)])
-_DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2)])
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per BLOCK_D, first = the default. Query
+# tiles of 64 rows keep the N = 197 tail cheap; a 128-wide head dim needs 8 warps (or 32-row key tiles)
+# to stay clear of spills. The BLOCK_D 64 and 128 candidates listed first compile for sm_90 with HGMMA
+# and no spills (see compile_configs); 256 is supported for completeness, not tuned.
+_FWD_TABLE = {
+    64: [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
+    128: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 2), (32, 32, 4, 2)],
+}
+_DQ_TABLE = {64: [(64, 64, 8, 2), (64, 32, 4, 3)], 128: [(64, 64, 8, 2), (64, 32, 8, 2)], 256: [(32, 32, 8, 2)]}
+_DKDV_TABLE = {64: [(32, 64, 4, 3), (64, 64, 4, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)], 256: [(32, 32, 8, 2)]}
 # Fixed configs under the interpreter (no driver to autotune with): small tiles, so the tests' short
 # sequences still cross full tiles and a ragged tail in every direction.
 _INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4}
 _INTERPRETER_DKDV_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4}
 
 
-def _fits(owned_rows: int, streamed_rows: int, block_d: int, owned_tiles: int) -> bool:
-    """Register budget: the program's resident tiles (owned_tiles of owned_rows x BLOCK_D fp32/16-bit) and
-    the streamed tiles stay within what 4-8 warps hold without spilling."""
-    return owned_rows * block_d * owned_tiles <= 2 * 128 * 128 and streamed_rows * block_d <= 64 * 128
+def _table_row(table, block_d):
+    return table[max(64, block_d)]
 
 
-def _prune(owned: str, owned_tiles: int):
-    other = "BLOCK_N" if owned == "BLOCK_M" else "BLOCK_M"
+def _prune(table):
+    """Keep the candidates listed for the launch's BLOCK_D."""
 
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs["BLOCK_D"]
-        return [c for c in configs if _fits(c.kwargs[owned], c.kwargs[other], block_d, owned_tiles)]
+        allowed = set(_table_row(table, kwargs["BLOCK_D"]))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
     return {"early_config_prune": prune}
 
 
-def _tuned(kernel, configs, prune):
+def _tuned(kernel, table):
     """Tails follow the chosen tile sizes; autotuning only where a GPU driver exists (not the interpreter)."""
     kernel = triton.heuristics(_TAILS)(kernel)
     if is_interpreter():
         return kernel
-    return triton.autotune(configs, key=["N_Q", "N_KV", "HEAD_DIM"], prune_configs_by=prune)(kernel)
+    return triton.autotune(_configs(table), key=["N_Q", "N_KV", "HEAD_DIM"], prune_configs_by=_prune(table))(kernel)
 
 
-# owned tiles: forward q and the accumulator (2), dQ q, dO, dQ (3), dK/dV k, v, dK, dV (4)
-_attn_fwd = _tuned(_attn_fwd_kernel, _FWD_CONFIGS, _prune("BLOCK_M", 2))
-_attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, _DQ_CONFIGS, _prune("BLOCK_M", 3))
-_attn_bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, _prune("BLOCK_N", 4))
+_attn_fwd = _tuned(_attn_fwd_kernel, _FWD_TABLE)
+_attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, _DQ_TABLE)
+_attn_bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, _DKDV_TABLE)
 
 
 def _launch_options(interpreter_config):
@@ -608,18 +613,18 @@ def compile_configs():
 
     n_ctx = 197
     kernels = (
-        ("fwd", _attn_fwd_kernel, _FWD_CONFIGS[0], ("Out", "Q", "K", "V"), ("o", "q", "k", "v"), ("LSE",)),
-        ("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS[0], ("DQ", "Q", "K", "V", "O", "DO"),
+        ("fwd", _attn_fwd_kernel, _FWD_TABLE, ("Out", "Q", "K", "V"), ("o", "q", "k", "v"), ("LSE",)),
+        ("dq", _attn_bwd_dq_kernel, _DQ_TABLE, ("DQ", "Q", "K", "V", "O", "DO"),
          ("dq", "q", "k", "v", "o", "do"), ("Delta", "LSE")),
-        ("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS[0], ("DK", "DV", "Q", "K", "V", "DO"),
+        ("dkdv", _attn_bwd_dkdv_kernel, _DKDV_TABLE, ("DK", "DV", "Q", "K", "V", "DO"),
          ("dk", "dv", "q", "k", "v", "do"), ("LSE", "Delta")),
     )  # fmt: skip
     configs = []
     for head_dim in (64, 80, 128):
         for dtype in ("bf16", "fp16"):
             for dropout in (False, True) if (head_dim, dtype) == (64, "bf16") else (False,):
-                for name, kernel, config, tensors, stride_names, fp32_tensors in kernels:
-                    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+                for name, kernel, table, tensors, stride_names, fp32_tensors in kernels:
+                    block_m, block_n, num_warps, num_stages = _table_row(table, _block_d(head_dim))[0]
                     types = {t: f"*{dtype}" for t in tensors}
                     types.update({t: "*fp32" for t in fp32_tensors})
                     types.update({f"stride_{s}{dim}": "i32" for s in stride_names for dim in "bhn"})
@@ -633,5 +638,5 @@ def compile_configs():
                     }  # fmt: skip
                     label = f"{name} N={n_ctx} d={head_dim} {dtype}{' dropout' if dropout else ''}"
                     configs.append(KernelConfig(kernel, "attention", label, types, constexprs,
-                                                num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
+                                                num_warps=num_warps, num_stages=num_stages))  # fmt: skip
     return configs
