@@ -1,0 +1,236 @@
+"""Library of the benchmarks (imported by conftest.py and every test_bench_*.py): GPU timing, the
+roofline figures recorded with each result, and launch / byte counting without a GPU.
+
+See conftest.py for how a benchmark is timed and what runs on a machine without a GPU.
+"""
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import platform
+import time
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+NO_GPU_REASON = "no CUDA GPU (or TRITON_INTERPRET=1): GPU timings skipped; interpreter time is not performance"
+COUNTS = []  # launch / byte count rows, written to the results JSON at the end of the session
+
+
+def synchronized_timer():
+    """pytest-benchmark's clock: wait for the GPU first, so each round times finished work."""
+    if HAS_GPU:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def environment():
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name() if HAS_GPU else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def _event_median_ms(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure_matmul_tflops():
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / _event_median_ms(lambda: a @ b, 10) / 1e9
+
+
+def measure_copy_gbps():
+    src = torch.randn(2**30, device="cuda")  # 4 GiB of fp32
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _event_median_ms(lambda: dst.copy_(src), 10) / 1e6
+
+
+# ------------------------------------------------------------------------------------ GPU timing
+
+
+@dataclasses.dataclass
+class Work:
+    """What one call does, for the roofline numbers: floating-point operations and compulsory bytes."""
+
+    flops: float
+    bytes: float
+
+
+def l2_bytes():
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+
+
+def rotation(make_inputs, bytes_per_set, max_sets=8):
+    """Input sets to cycle through: enough that one pass moves > 3x the L2 (so calls are not timed
+    from cache), at most max_sets."""
+    count = max(1, min(max_sets, math.ceil(3 * l2_bytes() / max(bytes_per_set, 1))))
+    return [make_inputs() for _ in range(count)]
+
+
+def measure(benchmark, fn, input_sets, *, check, work: Work, peaks, group, provider, extra=None, round_ms=1.0, max_rounds=30):
+    """Time fn(*inputs) over the rotating input_sets with pytest-benchmark and record the roofline numbers.
+
+    check(output, inputs) raises when the output is wrong; it runs on the first input set before timing.
+    Returns the median seconds per call.
+    """
+    check(fn(*input_sets[0]), input_sets[0])
+    for inputs in input_sets:  # warm-up: compile, autotune, library heuristics
+        fn(*inputs)
+    cycle = itertools.cycle(input_sets)
+    estimate_ms = _event_median_ms(lambda: fn(*next(cycle)), 3)
+    iterations = max(1, math.ceil(round_ms / max(estimate_ms, 1e-3)))
+    rounds = max(3, min(max_rounds, math.ceil(300 / max(estimate_ms * iterations, 1e-3))))
+    benchmark.group = group
+    benchmark.pedantic(lambda: fn(*next(cycle)), rounds=rounds, iterations=iterations, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median
+    tflops, gbps = work.flops / seconds / 1e12, work.bytes / seconds / 1e9
+    benchmark.extra_info.update({
+        "provider": provider, "median_ms": seconds * 1e3, "flops": work.flops, "bytes": work.bytes,
+        "tflops": tflops, "gbps": gbps, "pct_peak_tflops": 100 * tflops / peaks["tflops"],
+        "pct_peak_gbps": 100 * gbps / peaks["gbps"], "peak_tflops": peaks["tflops"], "peak_gbps": peaks["gbps"],
+        "bound": "compute" if work.flops / max(work.bytes, 1) > peaks["tflops"] * 1e3 / peaks["gbps"] else "memory",
+        **environment(), **(extra or {}),
+    })  # fmt: skip
+    return seconds
+
+
+def assert_close_rel(actual, expected, rel, name="output"):
+    """||actual - expected|| / ||expected|| <= rel, NaN failing (a cheap, whole-tensor check for benchmarks)."""
+    actual, expected = actual.float(), expected.float()
+    error = ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    assert error == error and error <= rel, f"{name}: relative error {error:.3g} > {rel:g}"
+
+
+# --------------------------------------------------------------------------- launch / byte counting
+
+
+def _tensor_bytes(t):
+    """Bytes a kernel must move for tensor t: its logical extent, or its storage if smaller (broadcasts)."""
+    logical = t.numel() * t.element_size()
+    try:
+        return min(logical, t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return logical
+
+
+def _distinct_tensor_bytes(values):
+    seen, total = set(), 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            key = (v.data_ptr() if v.device.type != "meta" else id(v), tuple(v.shape), tuple(v.stride()))
+            if key not in seen:
+                seen.add(key)
+                total += _tensor_bytes(v)
+    return total
+
+
+@dataclasses.dataclass
+class Count:
+    by_kernel: dict
+    bytes: int
+
+    @property
+    def launches(self):
+        return sum(self.by_kernel.values())
+
+
+@contextlib.contextmanager
+def count_triton():
+    """Count every Triton kernel launch in the block (fastvit.launches.count_launches) and the bytes of
+    its tensor arguments (each tensor moved once: the compulsory-traffic model). Interpreter only, and a
+    dry run: the interpreted programs are skipped, so full-size shapes cost nothing (the outputs are then
+    garbage, which counting does not read)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    try:
+        from fastvit.launches import count_launches
+    except ImportError as error:
+        pytest.skip(f"fastvit.launches not available: {error}")
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        count.bytes += _distinct_tensor_bytes(list(args) + list(kwargs.values()))
+        return None
+
+    InterpretedFunction.run = run
+    try:
+        with count_launches() as launches:  # wraps run() above, so it sees every launch first
+            count = Count(launches.by_kernel, 0)
+            yield count
+    finally:
+        InterpretedFunction.run = original
+
+
+# aten ops that allocate or alias but launch no kernel
+_NO_KERNEL_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+                  "_local_scalar_dense", "alias", "_unsafe_view"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def count_eager():
+    """Count the aten ops eager PyTorch dispatches (one kernel each on a GPU, views and allocations
+    excluded) and the bytes of their tensor inputs and outputs. Run the model on the meta device: no
+    arithmetic happens, so any size is free. scaled_dot_product_attention is counted as one fused
+    kernel (q, k, v in, o out), as it runs on a GPU, instead of its CPU decomposition."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = Count({}, 0)
+
+    def record(name, tensors):
+        count.by_kernel[name] = count.by_kernel.get(name, 0) + 1
+        count.bytes += _distinct_tensor_bytes(tensors)
+
+    class FusedSDPA(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                q, k, v = args[:3]
+                out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+                record("scaled_dot_product_attention", [q, k, v, out])
+                return out
+            return func(*args, **(kwargs or {}))
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not func.is_view and name not in _NO_KERNEL_OPS:
+                record(name, list(torch.utils._pytree.tree_leaves((args, kwargs, out))))
+            return out
+
+    with FusedSDPA(), Counting():
+        yield count
+
+
+def record_count(case, provider, count: Count, **extra):
+    COUNTS.append({"case": case, "provider": provider, "launches": count.launches, "bytes": count.bytes,
+                   "by_kernel": dict(count.by_kernel), **extra})  # fmt: skip
+
+
+def fastvit_op(module, name=None):
+    """fastvit.ops.<module>.<name>, or a skip naming what is missing (another engineer may still be
+    writing it)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"fastvit.ops.{module}"), name or module)
+    except (ImportError, AttributeError) as error:
+        pytest.skip(f"fastvit.ops.{module}.{name or module} not available yet: {error}")

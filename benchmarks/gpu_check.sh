@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: the test suite on the GPU (real compiles, bf16 included), then the
+# benchmarks, in about 8 minutes; everything under one results folder, a short table at the end.
+#
+#     bash benchmarks/gpu_check.sh [RESULTS_DIR]
+#
+# Needs only what the target machine has: python3 with torch, triton, timm, pytest, pytest-benchmark,
+# pytest-xdist and matplotlib. Nothing is installed and the network is not used: the repository is put
+# on the import path through a temporary folder of symlinks in which fastvit/kernels points at the
+# repository's kernels/ folder (what setup.py's package_dir does for an installed copy).
+#
+# Environment: FASTVIT_TEST_BUDGET / FASTVIT_BENCH_BUDGET (seconds, default 240 / 120),
+# FASTVIT_PEAK_TFLOPS / FASTVIT_PEAK_GBPS (default: measured in the run), OUT (also copy the key files
+# there), PYTHON (default python3), BENCH_ARGS (extra pytest arguments, e.g. --bench-full).
+set -uo pipefail
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+STAMP="$(date -u +%Y%m%d-%H%M%S)"
+RESULTS="$(mkdir -p "${1:-$REPO/benchmarks/results/gpu-check-$STAMP}" && cd "${1:-$REPO/benchmarks/results/gpu-check-$STAMP}" && pwd)"
+TEST_BUDGET="${FASTVIT_TEST_BUDGET:-240}"
+BENCH_BUDGET="${FASTVIT_BENCH_BUDGET:-120}"
+START=$SECONDS
+
+# fastvit importable without installing: SITE/fastvit/* -> repo/fastvit/*, SITE/fastvit/kernels -> repo/kernels
+SITE="$(mktemp -d)/site"
+mkdir -p "$SITE/fastvit"
+for entry in "$REPO"/fastvit/*; do ln -s "$entry" "$SITE/fastvit/"; done
+ln -s "$REPO/kernels" "$SITE/fastvit/kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 FASTVIT_INSPECT_JSON="$RESULTS/inspect.json"
+cd "$SITE"  # python -m puts the working directory first on sys.path: make it the symlinked package
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+    "$PYTHON" -c "import sys, torch, triton, timm, fastvit.kernels, fastvit.ops as ops
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| timm', timm.__version__)
+print('cuda available:', torch.cuda.is_available(), '|', torch.cuda.get_device_name() if torch.cuda.is_available() else '-')
+print('fastvit.kernels from', fastvit.kernels.__path__[0], '| fastvit.ops exports', sorted(n for n in dir(ops) if not n.startswith('_')))" 2>&1
+} | tee "$RESULTS/environment.txt"
+
+echo "== tests on the GPU (budget ${TEST_BUDGET}s)"
+timeout --signal=INT --kill-after=20 "$TEST_BUDGET" "$PYTHON" -m pytest "$REPO/tests" -q -n 8 --dist loadfile \
+    -p no:cacheprovider --junitxml="$RESULTS/tests.xml" >"$RESULTS/tests.log" 2>&1
+TESTS_RC=$?
+tail -n 25 "$RESULTS/tests.log"
+
+echo "== benchmarks (budget ${BENCH_BUDGET}s of started benchmarks)"
+timeout --signal=INT --kill-after=20 $((BENCH_BUDGET + 90)) "$PYTHON" -m pytest "$REPO/benchmarks" -q -p no:cacheprovider \
+    --bench-budget "$BENCH_BUDGET" --benchmark-json="$RESULTS/bench.json" --benchmark-columns=median,rounds,iterations \
+    ${BENCH_ARGS:-} >"$RESULTS/bench.log" 2>&1
+BENCH_RC=$?
+tail -n 15 "$RESULTS/bench.log"
+
+REPORT_INPUTS=()
+for f in "$RESULTS/bench.json" "$REPO"/benchmarks/results/counts-*.json; do [ -f "$f" ] && REPORT_INPUTS+=("$f"); done
+if [ -f "$RESULTS/bench.json" ]; then
+    "$PYTHON" "$REPO/benchmarks/report.py" "${REPORT_INPUTS[@]}" --markdown "$RESULTS/report.md" --plot "$RESULTS/throughput.png"
+fi
+
+summary() {
+    echo "results: $RESULTS ($((SECONDS - START)) s)"
+    echo "tests:      exit $TESTS_RC  $(grep -E ' in [0-9.]+s|no tests ran' "$RESULTS/tests.log" | tail -n 1)"
+    echo "benchmarks: exit $BENCH_RC  $(grep -E ' in [0-9.]+s|no tests ran' "$RESULTS/bench.log" | tail -n 1)"
+    [ -f "$RESULTS/bench.json" ] && "$PYTHON" "$REPO/benchmarks/report.py" "$RESULTS/bench.json" --short
+}
+summary | tee "$RESULTS/summary.txt"
+
+if [ -n "${OUT:-}" ]; then
+    for f in summary.txt environment.txt tests.log bench.log bench.json report.md throughput.png inspect.json; do
+        [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/"
+    done
+fi
+[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]

@@ -1,0 +1,138 @@
+"""Render benchmark results as a markdown table and a PNG plot.
+
+    python benchmarks/report.py [RESULTS.json ...] [--markdown OUT.md] [--plot OUT.png] [--short]
+
+With no files it reads benchmarks/results/bench-*.json and counts-*.json. The markdown has one table per
+benchmark group (providers side by side: median time, TFLOP/s, GB/s, % of the measured peaks, images/s,
+MFU) and the launch / byte counts; the plot shows images/s against batch size per provider, one panel per
+model and mode. --short prints only a compact one-line-per-result table (used by gpu_check.sh).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load(paths):
+    """(benchmarks, counts, environment, peaks) merged from pytest-benchmark and counts JSON files."""
+    benchmarks, counts, environment, peaks = [], [], {}, None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        section = data.get("fastvit", data)
+        environment = section.get("environment") or environment
+        peaks = section.get("peaks") or peaks
+        counts += [c for c in section.get("counts", []) if c not in counts]
+        benchmarks += data.get("benchmarks", [])
+    return benchmarks, counts, environment, peaks
+
+
+def _fmt(value, digits=1):
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def rows(benchmarks):
+    for bench in benchmarks:
+        info = bench.get("extra_info", {})
+        yield {
+            "group": bench.get("group") or bench["name"], "provider": info.get("provider", bench["name"]),
+            "batch": info.get("batch"), "median_ms": bench["stats"]["median"] * 1e3, "tflops": info.get("tflops"),
+            "gbps": info.get("gbps"), "pct_peak_tflops": info.get("pct_peak_tflops"),
+            "pct_peak_gbps": info.get("pct_peak_gbps"), "images_per_s": info.get("images_per_s"),
+            "mfu": info.get("mfu"), "vit": info.get("vit"), "mode": info.get("mode"),
+        }  # fmt: skip
+
+
+def markdown(benchmarks, counts, environment, peaks):
+    lines = []
+    if environment:
+        lines.append(f"Measured {environment.get('date', '?')} on {environment.get('device', '?')}, torch "
+                     f"{environment.get('torch', '?')}, triton {environment.get('triton', '?')}.")  # fmt: skip
+    if peaks:
+        lines.append(f"Peaks measured in the same run: {peaks['tflops']:.0f} TFLOP/s bf16, {peaks['gbps']:.0f} GB/s.")
+    groups = {}
+    for row in rows(benchmarks):
+        groups.setdefault(row["group"], []).append(row)
+    for group, members in groups.items():
+        lines += ["", f"**{group}**", "",
+                  "| provider | batch | median ms | TFLOP/s | GB/s | % peak FLOP/s | % peak GB/s | images/s | MFU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in sorted(members, key=lambda r: (r["batch"] or 0, r["median_ms"])):
+            mfu = None if r["mfu"] is None else 100 * r["mfu"]
+            lines.append(
+                f"| {r['provider']} | {r['batch'] or '-'} | {r['median_ms']:.3f} | {_fmt(r['tflops'])} | {_fmt(r['gbps'], 0)} | "
+                f"{_fmt(r['pct_peak_tflops'])} | {_fmt(r['pct_peak_gbps'])} | {_fmt(r['images_per_s'], 0)} | {_fmt(mfu)}{'%' if mfu else ''} |"
+            )
+    if counts:
+        lines += ["", "**Kernel launches and modelled HBM bytes per call (counted on CPU)**", "",
+                  "| case | provider | launches | GB moved | kernels |", "|---|---|---:|---:|---|"]  # fmt: skip
+        for c in counts:
+            kernels = ", ".join(f"{k} x{n}" for k, n in c["by_kernel"].items())
+            lines.append(f"| {c['case']} | {c['provider']} | {c['launches']} | {c['bytes'] / 1e9:.3f} | {kernels} |")
+    return "\n".join(lines) + "\n"
+
+
+def short(benchmarks):
+    """One line per result: group, provider, median and the headline figure."""
+    out = []
+    for r in rows(benchmarks):
+        headline = (f"{r['images_per_s']:,.0f} img/s" if r["images_per_s"] else
+                    f"{_fmt(r['tflops'])} TFLOP/s {_fmt(r['gbps'], 0)} GB/s" if r["tflops"] is not None else "")  # fmt: skip
+        batch = f" b{r['batch']}" if r["batch"] else ""
+        out.append(f"{(r['group'] + batch)[:52]:<52} {r['provider']:<20} {r['median_ms']:10.3f} ms  {headline}")
+    return "\n".join(out)
+
+
+def plot(benchmarks, path):
+    """images/s against batch size, one line per provider, one panel per (model, mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for r in rows(benchmarks):
+        if r["images_per_s"] and r["batch"]:
+            series.setdefault((r["vit"], r["mode"]), {}).setdefault(r["provider"], []).append((r["batch"], r["images_per_s"]))
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.8), squeeze=False)
+    for ax, ((vit, mode), providers) in zip(axes[0], sorted(series.items(), key=str)):
+        for provider, points in sorted(providers.items()):
+            batches, throughput = zip(*sorted(points))
+            ax.plot(batches, throughput, marker="o", label=provider)
+        ax.set(title=f"ViT-{str(vit)[0].upper()}/16 {mode}", xlabel="batch size", ylabel="images/s", xscale="log", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", help="result JSON files (default: benchmarks/results/*.json)")
+    parser.add_argument("--markdown", help="write the markdown here (default: print it)")
+    parser.add_argument("--plot", help="write the PNG plot here")
+    parser.add_argument("--short", action="store_true", help="print a compact table only")
+    args = parser.parse_args(argv)
+    files = args.files or sorted(RESULTS.glob("bench-*.json")) + sorted(RESULTS.glob("counts-*.json"))
+    if not files:
+        parser.error(f"no result files given and none in {RESULTS}")
+    benchmarks, counts, environment, peaks = load(files)
+    if args.short:
+        print(short(benchmarks) or "no timed results")
+        return 0
+    text = markdown(benchmarks, counts, environment, peaks)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    else:
+        sys.stdout.write(text)
+    if args.plot and not plot(benchmarks, args.plot):
+        print("no images/s results to plot", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
