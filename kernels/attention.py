@@ -22,11 +22,11 @@ Two launches, deterministic (no atomics: reruns are bitwise equal):
    in fp32 registers. P is recomputed from the saved LSE in both kernels.
 
 Tiling and the ragged tail (why N = 197 does not pay for 256): every sequence dimension is cut into
-full BLOCK tiles that run without masks, plus one tail tile of TAIL = max(16, next_pow2(N % BLOCK))
-rows (a separate constexpr instantiation, masked). A program that owns the tail tile runs the TAIL-row
-variant of the kernel body, and the streamed loop ends with a TAIL-wide step. At N = 197 with 64-row
-tiles both directions cover 3 x 64 + 16 = 208 rows: 1.11x the useful tensor-core work instead of
-(256 / 197)^2 = 1.69x. Tails smaller than 64 rows use mma.sync instead of Hopper's wgmma (which needs
+full BLOCK tiles that run without masks, plus one last tile of TAIL = max(16, next_pow2(rows left))
+rows (a separate constexpr instantiation, masked; TAIL = BLOCK when BLOCK divides N). The program that
+owns the last tile runs the TAIL-row variant of the kernel body, and every streamed loop ends with a
+TAIL-wide masked step. At N = 197 with 64-row tiles both directions cover 3 x 64 + 16 = 208 rows:
+1.11x the useful tensor-core work instead of (256 / 197)^2 = 1.69x. Tails smaller than 64 rows use mma.sync instead of Hopper's wgmma (which needs
 64-row tiles), which is the right trade for 16 rows. 16 is the smallest tile tl.dot accepts.
 
 Head dims: any d in 1..MAX_HEAD_DIM; the tile width is BLOCK_D = max(16, next_pow2(d)) and the padding
@@ -41,7 +41,9 @@ stride, so the packed qkv views of timm (B, N, 3, H, d) and a (B, N, H * d) outp
 Batch and head offsets are computed in int64; row offsets in int32 (row * row_stride must stay < 2^31).
 
 Caution: @triton.autotune runs only on CUDA (the interpreter has no driver); under the interpreter the
-launchers pick one fixed config. fp32 dots use kernels/_helpers.dot_precision (IEEE unless torch allows
+launchers pick one fixed config. The default configs compile for sm_90 with HGMMA and no spills at
+d = 64, 80 and 128, and for sm_80 without spills at d = 64; on sm_80 a 128-wide head dim still spills
+(the tail instantiations push ptxas past 255 registers): Ampere-specific tables are future work. fp32 dots use kernels/_helpers.dot_precision (IEEE unless torch allows
 TF32).
 """
 import math
@@ -140,17 +142,16 @@ def _fwd_rows(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    n_full = (N_KV - 1) // BLOCK_N * BLOCK_N  # the last tile, full or not, is the masked tail step
     for kv_start in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_kv_step(
             acc, l_i, m_i, q, q_rows, K, V, kv_start, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
             dropout_p, HEAD_DIM, EVEN_D, BLOCK_N, False, DROPOUT, DOT_PRECISION,
         )  # fmt: skip
-    if TAIL_N > 0:
-        acc, l_i, m_i = _fwd_kv_step(
-            acc, l_i, m_i, q, q_rows, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
-            dropout_p, HEAD_DIM, EVEN_D, TAIL_N, True, DROPOUT, DOT_PRECISION,
-        )  # fmt: skip
+    acc, l_i, m_i = _fwd_kv_step(
+        acc, l_i, m_i, q, q_rows, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
+        dropout_p, HEAD_DIM, EVEN_D, TAIL_N, True, DROPOUT, DOT_PRECISION,
+    )  # fmt: skip
 
     out = acc / l_i[:, None]
     if DROPOUT:
@@ -198,7 +199,7 @@ def _attn_fwd_kernel(
         seed_bh = tl.load(Seed) + bh  # one Philox key per (batch, head)
 
     q_start = tile * BLOCK_M
-    if TAIL_M == 0 or tile < n_tiles - 1:
+    if tile < n_tiles - 1:
         _fwd_rows(
             Out, LSE, Q, K, V, q_start, stride_on, stride_qn, stride_kn, stride_vn, N_Q, N_KV, scale, seed_bh,
             dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, False, BLOCK_N, TAIL_N, DROPOUT, DOT_PRECISION,
@@ -263,17 +264,16 @@ def _bwd_dq_rows(
     lse2 = lse * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    n_full = (N_KV - 1) // BLOCK_N * BLOCK_N  # the last tile, full or not, is the masked tail step
     for kv_start in range(0, n_full, BLOCK_N):
         dq = _bwd_dq_kv_step(
             dq, q, do, lse2, delta, q_rows, K, V, kv_start, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
             dropout_p, HEAD_DIM, EVEN_D, BLOCK_N, False, DROPOUT, DOT_PRECISION,
         )  # fmt: skip
-    if TAIL_N > 0:
-        dq = _bwd_dq_kv_step(
-            dq, q, do, lse2, delta, q_rows, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
-            dropout_p, HEAD_DIM, EVEN_D, TAIL_N, True, DROPOUT, DOT_PRECISION,
-        )  # fmt: skip
+    dq = _bwd_dq_kv_step(
+        dq, q, do, lse2, delta, q_rows, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
+        dropout_p, HEAD_DIM, EVEN_D, TAIL_N, True, DROPOUT, DOT_PRECISION,
+    )  # fmt: skip
     dq = dq * scale
     _store_tile(DQ + q_rows[:, None] * stride_dqn + cols_d[None, :], dq, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
 
@@ -321,7 +321,7 @@ def _attn_bwd_dq_kernel(
         seed_bh = tl.load(Seed) + bh
 
     q_start = tile * BLOCK_M
-    if TAIL_M == 0 or tile < n_tiles - 1:
+    if tile < n_tiles - 1:
         _bwd_dq_rows(
             DQ, Delta, Q, K, V, O, DO, LSE, q_start, stride_dqn, stride_qn, stride_kn, stride_vn, stride_on,
             stride_don, N_Q, N_KV, scale, seed_bh, dropout_p,
@@ -384,17 +384,16 @@ def _bwd_dkdv_rows(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    n_full = (N_Q // BLOCK_M) * BLOCK_M
+    n_full = (N_Q - 1) // BLOCK_M * BLOCK_M  # the last tile, full or not, is the masked tail step
     for q_start in range(0, n_full, BLOCK_M):
         dk, dv = _bwd_dkdv_q_step(
             dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, q_start, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale,
             seed_bh, dropout_p, HEAD_DIM, EVEN_D, BLOCK_M, False, DROPOUT, DOT_PRECISION,
         )  # fmt: skip
-    if TAIL_M > 0:
-        dk, dv = _bwd_dkdv_q_step(
-            dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, n_full, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale,
-            seed_bh, dropout_p, HEAD_DIM, EVEN_D, TAIL_M, True, DROPOUT, DOT_PRECISION,
-        )  # fmt: skip
+    dk, dv = _bwd_dkdv_q_step(
+        dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, n_full, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale,
+        seed_bh, dropout_p, HEAD_DIM, EVEN_D, TAIL_M, True, DROPOUT, DOT_PRECISION,
+    )  # fmt: skip
     dk = dk * scale
     _store_tile(DK + kv_rows[:, None] * stride_dkn + cols_d[None, :], dk, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
     _store_tile(DV + kv_rows[:, None] * stride_dvn + cols_d[None, :], dv, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
@@ -443,7 +442,7 @@ def _attn_bwd_dkdv_kernel(
         seed_bh = tl.load(Seed) + bh
 
     kv_start = tile * BLOCK_N
-    if TAIL_N == 0 or tile < n_tiles - 1:
+    if tile < n_tiles - 1:
         _bwd_dkdv_rows(
             DK, DV, Q, K, V, DO, LSE, Delta, kv_start, stride_dkn, stride_dvn, stride_qn, stride_kn, stride_vn,
             stride_don, N_Q, N_KV, scale, seed_bh, dropout_p,
@@ -463,10 +462,10 @@ def _attn_bwd_dkdv_kernel(
 
 
 def _tail(n: int, block: int) -> int:
-    """Rows of the ragged last tile: 0 when block divides n, else the remainder rounded up to a power of 2
-    (at least 16, the smallest tl.dot tile)."""
-    rest = n % block
-    return 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    """Rows of the last tile's instantiation: the rows left after the full tiles (block when block divides
+    n), rounded up to a power of 2 and at least 16, the smallest tl.dot tile."""
+    rest = n % block or block
+    return max(16, triton.next_power_of_2(rest))
 
 
 _TAILS = {"TAIL_M": lambda args: _tail(args["N_Q"], args["BLOCK_M"]), "TAIL_N": lambda args: _tail(args["N_KV"], args["BLOCK_N"])}

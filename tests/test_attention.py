@@ -2,8 +2,8 @@
 
 The interpreter config (kernels/attention.py) uses 64-row query tiles and 32-row key tiles forward (32 x 64
 in the dK/dV kernel), so the sequence lengths below reach: a lone tail tile (N = 1, 10, 17, 50), full
-tiles plus a 16-row tail in every direction (N = 197, 257), and a non-power-of-two head dim reaches the
-masked head-dim columns (80, 96). Errors follow flash-attention's rule: ours vs fp64 <= 2 x eager's own
+tiles plus a 16-row tail in every direction (N = 197, 257), tiles that divide N (64); and a
+non-power-of-two head dim reaches the masked head-dim columns (80, 96). Errors follow flash-attention's rule: ours vs fp64 <= 2 x eager's own
 error in the same dtype, plus the dtype's atol from conftest.
 """
 import importlib
@@ -73,6 +73,7 @@ CASES = [  # (layout, B, H, N, d, dtype)
     ("packed", 1, 1, 197, 80, torch.float32),
     ("transposed", 1, 1, 257, 32, torch.float32),
     ("contiguous", 2, 1, 33, 96, torch.float16),
+    ("packed", 1, 2, 64, 32, torch.bfloat16),  # tiles divide N: the last tile is a full, masked one
 ]
 
 
