@@ -265,3 +265,20 @@ def test_bad_input_is_rejected_before_launch(monkeypatch, call, error, words):
         call()
     for word in words:
         assert word in str(info.value), f"{word!r} missing from: {info.value}"
+
+
+def test_custom_ops_pass_opcheck():
+    """Fake kernels, schemas and autograd registrations agree with the real ops (with dropout on)."""
+    B, N, H, d, seed = 1, 10, 2, 16, torch.tensor([5], device=DEVICE)
+    qkv = torch.randn(B, N, 3 * H * d, device=DEVICE, requires_grad=True)
+    q, k, v = (torch.randn(B, H, N, d, device=DEVICE, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(attention_ops._qkv_attention_fwd, (qkv, seed, H, 0.25, 0.2))
+    torch.library.opcheck(attention_ops._attention_fwd, (q, k, v, seed, 0.25, 0.2))
+    out, lse = attention_ops._qkv_attention_fwd(qkv.detach(), seed, H, 0.25, 0.2)
+    torch.library.opcheck(
+        attention_ops._qkv_attention_bwd, (torch.randn_like(out), qkv.detach(), out, lse, seed, H, 0.25, 0.2)
+    )
+    o, lse = attention_ops._attention_fwd(q.detach(), k.detach(), v.detach(), seed, 0.25, 0.2)
+    torch.library.opcheck(
+        attention_ops._attention_bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, seed, 0.25, 0.2)
+    )
