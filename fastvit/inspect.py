@@ -146,6 +146,9 @@ def _compile_row(module_name, index, arch):
     _, configs = _module_configs(module_name)
     cfg = configs[index]
     jit = _jit_function(cfg.kernel)
+    if jit is None:
+        return _row(kernel=repr(cfg.kernel), module=module_name, config=cfg.label, arch=f"sm_{arch}", kind=cfg.kind,
+                    compiled=False, error="KernelConfig.kernel is not a @triton.jit function")  # fmt: skip
     row = _row(
         kernel=jit.fn.__name__, module=module_name, config=cfg.label, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, arch=f"sm_{arch}", kind=cfg.kind, compiled=False,
