@@ -9,7 +9,7 @@
 # on the import path through a temporary folder of symlinks in which fastvit/kernels points at the
 # repository's kernels/ folder (what setup.py's package_dir does for an installed copy).
 #
-# Environment: FASTVIT_TEST_BUDGET / FASTVIT_BENCH_BUDGET (seconds, default 240 / 120),
+# Environment: FASTVIT_TEST_BUDGET / FASTVIT_BENCH_BUDGET (seconds, default 210 / 150),
 # FASTVIT_PEAK_TFLOPS / FASTVIT_PEAK_GBPS (default: measured in the run), OUT (also copy the key files
 # there), PYTHON (default python3), BENCH_ARGS (extra pytest arguments, e.g. --bench-full).
 set -uo pipefail
@@ -18,8 +18,8 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 STAMP="$(date -u +%Y%m%d-%H%M%S)"
 RESULTS="$(mkdir -p "${1:-$REPO/benchmarks/results/gpu-check-$STAMP}" && cd "${1:-$REPO/benchmarks/results/gpu-check-$STAMP}" && pwd)"
-TEST_BUDGET="${FASTVIT_TEST_BUDGET:-240}"
-BENCH_BUDGET="${FASTVIT_BENCH_BUDGET:-120}"
+TEST_BUDGET="${FASTVIT_TEST_BUDGET:-210}"
+BENCH_BUDGET="${FASTVIT_BENCH_BUDGET:-150}"
 START=$SECONDS
 
 # fastvit importable without installing: SITE/fastvit/* -> repo/fastvit/*, SITE/fastvit/kernels -> repo/kernels

@@ -36,10 +36,16 @@ def create_fastvit(name, **kwargs):
 
 
 def paired_models(name, **kwargs):
-    """(fastvit model, timm model) with timm's randomly initialised weights loaded into both."""
+    """Fresh copies of (fastvit model, timm model) on the CPU in fp32, timm's random init loaded into both."""
+    return copy.deepcopy(_initialised_pair(name, tuple(sorted(kwargs.items()))))
+
+
+@functools.cache
+def _initialised_pair(name, kwargs):
+    """Built once per session and config: initialising ViT-L's 300M parameters takes seconds."""
     timm = pytest.importorskip("timm")
-    reference = timm.create_model(name, **kwargs).eval()
-    ours = create_fastvit(name, **kwargs).eval()
+    reference = timm.create_model(name, **dict(kwargs)).eval()
+    ours = create_fastvit(name, **dict(kwargs)).eval()
     ours.load_state_dict(reference.state_dict())
     return ours, reference
 
@@ -130,17 +136,12 @@ def test_train_step(benchmark, gpu, peaks, vit, batch, provider):
 TINY = dict(img_size=64, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10)
 
 
-@functools.cache
-def _tiny_pair():
-    return paired_models("vit_tiny_patch16_224", **TINY)
-
-
 @pytest.mark.parametrize("provider", ["fastvit (torch backend)", "timm"])
 def test_cpu_fallback_vs_timm(benchmark, provider):
     """The torch fallback runs the same function as timm; CPU wall time of both (not a GPU figure)."""
     from fastvit.backend import use_backend
 
-    ours, reference = _tiny_pair()
+    ours, reference = paired_models("vit_tiny_patch16_224", **TINY)
     model = ours if provider.startswith("fastvit") else reference
     images = torch.randn(4, 3, TINY["img_size"], TINY["img_size"])
     with use_backend("torch"), torch.inference_mode():
