@@ -85,11 +85,9 @@ def _dropout_keep(Seed, rows, cols, n_cols, p):
 
 
 @triton.jit
-def _layer_norm_tile(x, rows, cols, row_mask, col_mask, Mean, Rstd, LnW, LnB, HAS_LN_W: tl.constexpr,
+def _layer_norm_tile(x, mean, rstd, cols, row_mask, col_mask, LnW, LnB, HAS_LN_W: tl.constexpr,
                      HAS_LN_B: tl.constexpr):
-    """LayerNorm of a tile x[rows, cols] of the input, from its fp32 row statistics; masked lanes -> 0."""
-    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    """LayerNorm of a tile x[rows, cols] of the input given its rows' fp32 mean and rstd; masked lanes -> 0."""
     y = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
     if HAS_LN_W:
         y = y * tl.load(LnW + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -182,13 +180,16 @@ def _linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_sum_u = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if LN_A:  # A's rows are x's rows: their statistics are loop-invariant
+        mean_a = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd_a = tl.load(Rstd + rows, mask=row_mask, other=0.0)
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = ks < K
         a_mask = row_mask[:, None] & k_mask[None, :]
         a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
         if LN_A:
-            a = _layer_norm_tile(a, rows, ks, row_mask, k_mask, Mean, Rstd, LnW, LnB, HAS_LN_W, HAS_LN_B)
+            a = _layer_norm_tile(a, mean_a, rstd_a, ks, row_mask, k_mask, LnW, LnB, HAS_LN_W, HAS_LN_B)
         if GRAD_A:
             if TRANS_A:
                 dy_rows = tl.broadcast_to(ks[None, :], (BLOCK_M, BLOCK_K))
@@ -206,7 +207,9 @@ def _linear_kernel(
         b_mask = k_mask[:, None] & col_mask[None, :]
         b = tl.load(B + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
         if LN_B:
-            b = _layer_norm_tile(b, ks, cols, k_mask, col_mask, Mean, Rstd, LnW, LnB, HAS_LN_W, HAS_LN_B)
+            mean_b = tl.load(Mean + ks, mask=k_mask, other=0.0)
+            rstd_b = tl.load(Rstd + ks, mask=k_mask, other=0.0)
+            b = _layer_norm_tile(b, mean_b, rstd_b, cols, k_mask, col_mask, LnW, LnB, HAS_LN_W, HAS_LN_B)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
 
     # the row sums span all of K in every program; the first column-block writes them
@@ -429,8 +432,9 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
 
 def compile_configs():
     """Every GEMM the model launches (forward, dx and dW of each Linear) in bf16, fp16 and fp32, at the
-    pre-tuned default tiles for large and small M; unit strides are constexpr 1, as the JIT specialises
-    them. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
+    pre-tuned default tiles for large and small M, plus the LayerNorm statistics pass. Unit strides are
+    constexpr 1 and row strides, N and K carry the multiple-of-16 hint, as the JIT specialises them at
+    ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
     matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
     pointers = ("C", "Preact", "RowSum", "RowSumU", "A", "B", "Bias", "Residual", "Scale", "LnW", "LnB", "Mean",
                 "Rstd", "Seed", "Z")
@@ -460,8 +464,8 @@ def compile_configs():
         for dtype in ("bf16", "fp32"):
             configs.append(KernelConfig(
                 _row_stats_kernel, "rowwise", f"LN statistics D={D} {dtype}",
-                types={"Mean": "*fp32", "Rstd": "*fp32", "X": f"*{dtype}", "stride_x_row": "i32", "M": "i32",
-                       "D": "i32", "eps": "fp32"},
+                types={"Mean": "*fp32", "Rstd": "*fp32", "X": f"*{dtype}", "stride_x_row": "i32:16",
+                       "M": "i32", "D": "i32:16", "eps": "fp32"},
                 constexprs={"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=num_warps,
             ))  # fmt: skip
     for torch_dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -476,21 +480,22 @@ def compile_configs():
             types.update({"A": f"*{stream}" if flags.get("LN_A") else f"*{dtype}",
                           "Residual": "*fp32", "C": "*fp32" if flags.get("HAS_RESIDUAL") else f"*{dtype}"})
             types = {k: v for k, v in types.items() if k in used or k == "C"}
-            strides = {"stride_cm": "i32", "stride_am": "i32", "stride_bk": "i32", "stride_rm": "i32",
-                       "stride_zm": "i32", "M": "i32", "N": "i32", "K": "i32", "n_fwd": "i32", "dropout_p": "fp32"}
-            # the unit stride: A's columns (or rows when A is dy^T); B is W^T in the forward, W or x after
-            units = {"stride_ak": "i32", "stride_am": 1} if trans else {"stride_ak": 1}
-            units.update({"stride_bn": 1} if flags.get("GRAD_A") else {"stride_bk": 1, "stride_bn": "i32"})
-            strides.update({k: v for k, v in units.items() if v != 1})
-            strides.setdefault("stride_bk", "i32")
+            # row strides, N and K are multiples of 16 at ViT widths (the JIT specialises on that); M is not
+            ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                                                "stride_rm", "stride_zm", "N", "K", "n_fwd")}
+            ints.update(M="i32", dropout_p="fp32")
+            # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows
+            # when B is W^T (forward), else B's columns
+            units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")
+            ints = {name: t for name, t in ints.items() if name not in units}
             for tile_m in (50432, 394):
                 tile = _default_tile(tile_m, 768, torch_dtype)
                 constexprs = {name: None for name in pointers if name not in types}
-                constexprs.update({k: v for k, v in units.items() if v == 1})
+                constexprs.update({name: 1 for name in units})
                 constexprs.update({**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype], "DOT_PRECISION": "tf32"})
                 constexprs.update({k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
                 configs.append(KernelConfig(
-                    _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **strides},
+                    _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **ints},
                     constexprs=constexprs, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
                 ))  # fmt: skip
     return configs
