@@ -97,11 +97,13 @@ def _layer_norm_tile(x, mean, rstd, cols, row_mask, col_mask, LnW, LnB, HAS_LN_W
 
 
 @triton.jit
-def _grad_prologue(dy, dy_rows, dy_cols, mask, Z, stride_zm, Scale, Seed, n_fwd, dropout_p,
+def _grad_prologue(dy, dy_rows, dy_cols, mask, col_mask, Z, stride_zm, Scale, Seed, n_fwd, dropout_p,
                    ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
                    NEED_DU: tl.constexpr):
-    """(dz, d * u) for a tile of dy at (dy_rows, dy_cols) (full-tile int64 indices into the (M, n_fwd)
-    output): d = dy * keep / (1 - p), u = act(z), dz = d * ls * act'(z). Masked lanes have dy = 0."""
+    """(dz, d * u) for a tile of dy: d = dy * keep / (1 - p), u = act(z), dz = d * ls * act'(z).
+
+    dy_rows, dy_cols: the tile's int64 indices into the (M, n_fwd) output as broadcastable (X, 1) and
+    (1, Y) vectors (either way round), col_mask shaped like dy_cols; masked lanes have dy = 0."""
     d = dy.to(tl.float32)
     if DROPOUT:
         keep = _dropout_keep(Seed, dy_rows, dy_cols, n_fwd, dropout_p)
@@ -115,7 +117,7 @@ def _grad_prologue(dy, dy_rows, dy_cols, mask, Z, stride_zm, Scale, Seed, n_fwd,
         if ACTIVATION != "none":
             dz = dz * _activation_grad(z, ACTIVATION)
     if HAS_SCALE:
-        dz = dz * tl.load(Scale + dy_cols, mask=mask, other=0.0).to(tl.float32)
+        dz = dz * tl.load(Scale + dy_cols, mask=col_mask, other=0.0).to(tl.float32)
     return dz, du
 
 
@@ -191,14 +193,13 @@ def _linear_kernel(
         if LN_A:
             a = _layer_norm_tile(a, mean_a, rstd_a, ks, row_mask, k_mask, LnW, LnB, HAS_LN_W, HAS_LN_B)
         if GRAD_A:
+            # dy's row and column of each A element, as broadcast vectors (full int64 tiles cost registers)
             if TRANS_A:
-                dy_rows = tl.broadcast_to(ks[None, :], (BLOCK_M, BLOCK_K))
-                dy_cols = tl.broadcast_to(rows[:, None], (BLOCK_M, BLOCK_K))
+                dy_rows, dy_cols, dy_col_mask = ks[None, :], rows[:, None], row_mask[:, None]
             else:
-                dy_rows = tl.broadcast_to(rows[:, None], (BLOCK_M, BLOCK_K))
-                dy_cols = tl.broadcast_to(ks[None, :], (BLOCK_M, BLOCK_K))
-            a, du = _grad_prologue(a, dy_rows, dy_cols, a_mask, Z, stride_zm, Scale, Seed, n_fwd, dropout_p,
-                                   ACTIVATION, HAS_SCALE, DROPOUT, ROWSUM_DU)
+                dy_rows, dy_cols, dy_col_mask = rows[:, None], ks[None, :], k_mask[None, :]
+            a, du = _grad_prologue(a, dy_rows, dy_cols, a_mask, dy_col_mask, Z, stride_zm, Scale, Seed, n_fwd,
+                                   dropout_p, ACTIVATION, HAS_SCALE, DROPOUT, ROWSUM_DU)
             if ROWSUM_DZ:
                 row_sum += tl.sum(a, axis=1)
             if ROWSUM_DU:
@@ -293,6 +294,25 @@ def _default_tile(M: int, N: int, dot_dtype: torch.dtype) -> dict:
     return _CANDIDATES_16[0] if wide else _CANDIDATES_32[0]  # 128 x 128, 8 warps
 
 
+def _fit_to_fusions(tile: dict, flags: dict) -> dict:
+    """Shrink a tile where the fusions hold many live fp32 values per element, so nothing spills (checked
+    by compile_configs on sm_90 and sm_80): a GELU / dropout / layer-scale gradient prologue halves
+    BLOCK_K, and more when B is LayerNorm-ed too (on sm_80 both operands then pass through registers);
+    epilogue dropout (philox per element) caps BLOCK_N at 64."""
+    tile = dict(tile)
+    heavy_a = flags["GRAD_A"] and (flags["ACTIVATION"] != "none" or flags["DROPOUT"] or flags["HAS_SCALE"])
+    if heavy_a and flags["LN_B"] and tile["BLOCK_K"] > 32:  # 16-bit: 64 -> 16
+        tile["BLOCK_K"] //= 4
+    elif heavy_a and flags["LN_B"]:  # fp32: 32 -> 16 (tl.dot's minimum), and a narrower tile
+        tile["BLOCK_K"] //= 2
+        tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
+    elif heavy_a:
+        tile["BLOCK_K"] //= 2
+    if flags["DROPOUT"] and not flags["GRAD_A"]:
+        tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
+    return tile
+
+
 def _pick_tile(key, M, N, dot_dtype, launch) -> dict:
     """The tile config for one GEMM: fixed under the interpreter; on CUDA the fastest candidate for this
     key (flags, dtypes, next_power_of_2(M), N, K), measured once per process. Measuring reruns `launch`,
@@ -302,11 +322,13 @@ def _pick_tile(key, M, N, dot_dtype, launch) -> dict:
         return _INTERPRETER_TILE
     if key in _tuned:
         return _tuned[key]
-    default = _default_tile(M, N, dot_dtype)
+    flags = dict(key[0])
+    default = _fit_to_fusions(_default_tile(M, N, dot_dtype), flags)
     if os.environ.get("FASTVIT_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return default
     timings = []
     for tile in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
+        tile = _fit_to_fusions(tile, flags)
         try:
             timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
         except triton.runtime.errors.OutOfResources:
@@ -489,7 +511,7 @@ def compile_configs():
             units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")
             ints = {name: t for name, t in ints.items() if name not in units}
             for tile_m in (50432, 394):
-                tile = _default_tile(tile_m, 768, torch_dtype)
+                tile = _fit_to_fusions(_default_tile(tile_m, 768, torch_dtype), {**off, **flags})
                 constexprs = {name: None for name in pointers if name not in types}
                 constexprs.update({name: 1 for name in units})
                 constexprs.update({**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype], "DOT_PRECISION": "tf32"})
