@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, DTYPES, assert_close, assert_error_within, tolerance
 
 from fastvit.backend import use_backend
-from fastvit.ops.linear import layer_norm_linear, linear
+from fastvit.ops.linear import _linear_bwd, _linear_fwd, layer_norm_linear, linear
 
 # name -> the pieces of one fused call; `ln` makes it layer_norm_linear
 FUSIONS_ALONE = {
@@ -289,3 +289,20 @@ def test_bad_input_is_rejected_before_launch(case):
     error, mentions, bad_call = _bad_calls()[case]
     with use_backend("triton"), pytest.raises(error, match=mentions):
         bad_call()
+
+
+def test_custom_ops_pass_opcheck():
+    """Fake kernels, schemas and autograd registrations agree with the real ops (all fusions, dropout on)."""
+    M, K, N, seed = 5, 16, 24, torch.tensor([7], device=DEVICE)
+    x, ln_w, ln_b = (torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((2, M, K), (K,), (K,)))
+    w, b, ls = (torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((N, K), (N,), (N,)))
+    residual = torch.randn(2, M, N, device=DEVICE, requires_grad=True)
+    for ln in (False, True):
+        args = (x, w, b, None if ln else residual, None if ln else ls, ln_w if ln else None, ln_b if ln else None,
+                seed, "gelu", 0.2, 1e-6, ln, True, torch.float32)  # fmt: skip
+        torch.library.opcheck(_linear_fwd, args)
+        _, preact, mean, rstd = _linear_fwd(*(a.detach() if torch.is_tensor(a) else a for a in args))
+        bwd_args = (torch.randn(2, M, N, device=DEVICE), x.detach(), w.detach(), preact,
+                    None if ln else ls.detach(), ln_w.detach() if ln else None, ln_b.detach() if ln else None,
+                    mean, rstd, seed, "gelu", 0.2, ln, [True, True, True, not ln, ln, ln])  # fmt: skip
+        torch.library.opcheck(_linear_bwd, bwd_args)
