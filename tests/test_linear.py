@@ -92,7 +92,8 @@ def check_against_fp64(M, K, N, spec, dtype):
         ours, our_grads = forward_backward(lambda t: call(t, spec), inputs, grad_out)
     with use_backend("torch"):
         eager, eager_grads = forward_backward(lambda t: call(t, spec), inputs, grad_out)
-    ref, ref_grads = forward_backward(lambda t: reference(t, spec), {k: v.double() for k, v in inputs.items()}, grad_out)
+    fp64_inputs = {k: v.double() for k, v in inputs.items()}
+    ref, ref_grads = forward_backward(lambda t: reference(t, spec), fp64_inputs, grad_out)
 
     assert ours.dtype == dtype and ours.shape == (M, N)
     for name, actual, expected, base in [("y", ours, ref, eager)] + [

@@ -154,7 +154,9 @@ def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, 
     check_tensor("layer_scale", layer_scale, ndim=1, optional=True)
     N, K = weight.shape
     if x.shape[-1] != K:
-        raise ValueError(f"x: expected last dim K = {K} to match weight (N, K) = {tuple(weight.shape)}, got {describe(x)}")
+        raise ValueError(
+            f"x: expected last dim K = {K} to match weight (N, K) = {tuple(weight.shape)}, got {describe(x)}"
+        )
     if N < 1 or K < 1:
         raise ValueError(f"weight: expected (N, K) with N, K >= 1, got {describe(weight)}")
     check_shape("bias", bias, (N,))
