@@ -156,7 +156,7 @@ def _compile_row(module_name, index, arch):
     )  # fmt: skip
     start = time.perf_counter()
     try:
-        source = ASTSource(fn=jit, signature=cfg.signature(), constexprs=cfg.constexprs)
+        source = ASTSource(fn=jit, signature=cfg.signature(), constexprs=cfg.constexprs, attrs=cfg.attrs())
         compiled = triton.compile(
             source, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         )
