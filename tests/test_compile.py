@@ -69,8 +69,6 @@ KNOWN_SPILLS = {
     ("_attn_fwd_kernel", "sm_80", "d=80"), ("_attn_fwd_kernel", "sm_80", "d=128"),
     ("_attn_bwd_dq_kernel", "sm_80", "d=80"), ("_attn_bwd_dq_kernel", "sm_80", "d=128"),
     ("_attn_bwd_dkdv_kernel", "sm_80", "d=80"), ("_attn_bwd_dkdv_kernel", "sm_80", "d=128"),
-    # LayerNorm backward at MAX_D = 16384: two [1, 16384] fp32 accumulators per program (issue 2)
-    ("_layer_norm_bwd_kernel", "sm_90", "D=16384"), ("_layer_norm_bwd_kernel", "sm_80", "D=16384"),
 }  # fmt: skip
 
 
