@@ -3,10 +3,11 @@ every hot path on fastvit's fused ops, plus the timm-named model registry (creat
 
     images ─► [patch-embed GEMM + bias + pos-embed, cls/reg rows]          1 launch
            ─► depth × block_forward (fastvit.layers)                        5 launches per block
-           ─► [final LN on the pooled rows ▸ head GEMM]                       1-2 launches
+           ─► [final LN on the pooled rows ▸ head GEMM]                       1 launch (+1 LN statistics pass)
 
-forward_features() keeps timm's contract (every token normalised); forward() pools first and normalises
-only the pooled rows, which is the same arithmetic for 'token' pooling since LayerNorm is row-wise.
+forward_features() keeps timm's contract (every token normalised); forward() with 'token' pooling pools
+first and normalises only the class rows inside the head GEMM, the same arithmetic since LayerNorm is
+row-wise.
 """
 import functools
 from typing import Optional, Tuple, Union
@@ -275,15 +276,15 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pooled, fc-normalised features -> logits (or the features with pre_logits=True)."""
-        x = self.pool(x)
-        fuse_norm_into_head = (
-            not pre_logits and isinstance(self.head, nn.Linear) and isinstance(self.fc_norm, nn.LayerNorm)
-            and not (self.head_drop.training and self.head_drop.p > 0)
-        )  # fmt: skip
-        if fuse_norm_into_head:
-            n = self.fc_norm
-            return ops.layer_norm_linear(x, n.weight, n.bias, self.head.weight, self.head.bias, eps=n.eps)
-        x = self.head_drop(self._norm(x, self.fc_norm))
+        return self._head(self.pool(x), self.fc_norm, pre_logits)
+
+    def _head(self, x: torch.Tensor, norm: nn.Module, pre_logits: bool = False) -> torch.Tensor:
+        """norm -> head_drop -> head on pooled (B, D) features; a LayerNorm is fused into the head GEMM's
+        prologue whenever nothing (an active head dropout, pre_logits) stands between them."""
+        head_dropout_active = self.head_drop.training and self.head_drop.p > 0
+        if not pre_logits and isinstance(self.head, nn.Linear) and isinstance(norm, nn.LayerNorm) and not head_dropout_active:
+            return ops.layer_norm_linear(x, norm.weight, norm.bias, self.head.weight, self.head.bias, eps=norm.eps)
+        x = self.head_drop(self._norm(x, norm))
         if pre_logits or not isinstance(self.head, nn.Linear):
             return x
         return ops.linear(x, self.head.weight, self.head.bias)
@@ -291,9 +292,11 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._blocks(self._embed(x))
         if self.global_pool == "token":
-            # LayerNorm is row-wise: normalising only the class row equals normalising all rows, then
-            # pooling. Keep the token dim so pool() picks the (normalised) row 0.
-            x = x[:, :1]
+            # LayerNorm is row-wise: normalising only the class row equals normalising every row and then
+            # pooling, so the final norm runs on B rows, fused into the head GEMM. At most one of norm /
+            # fc_norm is a LayerNorm (timm places the final norm before or after pooling, never both).
+            final_norm = self.norm if isinstance(self.norm, nn.LayerNorm) else self.fc_norm
+            return self._head(x[:, 0], final_norm)
         return self.forward_head(self._norm(x, self.norm))
 
 

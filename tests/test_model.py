@@ -143,23 +143,21 @@ def test_pure_low_precision_weights(dtype):
     assert ours <= 2 * theirs + 1e-2, f"{dtype}: error {ours:.3g} vs eager's {theirs:.3g}"
 
 
-def test_dynamic_img_size_matches_timm():
-    kwargs = dict(TINY, img_size=32, dynamic_img_size=True)
+@pytest.mark.parametrize(
+    "config, image_size",
+    [
+        (dict(img_size=32, dynamic_img_size=True), (48, 40)),  # pos_embed resampled to the input's grid
+        (dict(img_size=(32, 48), dynamic_img_size=True, dynamic_img_pad=True), (30, 43)),  # padded to P
+    ],
+    ids=["dynamic_img_size", "dynamic_img_pad"],
+)
+def test_dynamic_image_sizes_match_timm(config, image_size):
+    kwargs = dict(TINY, **config)
     torch.manual_seed(0)
     timm_model = TimmViT(**kwargs).to(DEVICE).eval()
     model = fastvit.VisionTransformer(**kwargs).to(DEVICE).eval()
     model.load_state_dict(timm_model.state_dict())
-    images = torch.randn(1, 3, 48, 40, device=DEVICE)
-    assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4)
-
-
-def test_dynamic_img_pad_matches_timm():
-    kwargs = dict(TINY, img_size=(32, 48), dynamic_img_size=True, dynamic_img_pad=True)
-    torch.manual_seed(0)
-    timm_model = TimmViT(**kwargs).to(DEVICE).eval()
-    model = fastvit.VisionTransformer(**kwargs).to(DEVICE).eval()
-    model.load_state_dict(timm_model.state_dict())
-    images = torch.randn(1, 3, 30, 43, device=DEVICE)
+    images = torch.randn(1, 3, *image_size, device=DEVICE)
     assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4)
 
 
