@@ -19,6 +19,8 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 def _validated(name, source):
+    if not isinstance(name, str):
+        raise TypeError(f"{source}: expected a str, one of {', '.join(map(repr, BACKENDS))}; got {type(name).__name__}")
     if name not in BACKENDS:
         raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))}")
     return name

@@ -52,6 +52,28 @@ def _gelu_approximate(act_layer) -> str:
     return "tanh" if gelu_name(module) == "gelu_tanh" else "none"
 
 
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _check_sizes(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, reg_tokens,
+                 rates: dict) -> None:
+    """The constructor's numeric arguments, checked before any module is built."""
+    for name, value in (("img_size", img_size), ("patch_size", patch_size)):
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            _check_int(name, v, 1)
+    for name, value, minimum in (("in_chans", in_chans, 1), ("num_classes", num_classes, 0),
+                                 ("embed_dim", embed_dim, 1), ("depth", depth, 0), ("num_heads", num_heads, 1),
+                                 ("reg_tokens", reg_tokens, 0)):  # fmt: skip
+        _check_int(name, value, minimum)
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio: expected a positive float, got {mlp_ratio!r}")
+    for name, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name}: expected a float in [0, 1), got {rate!r}")
+
+
 def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -122,6 +144,9 @@ class VisionTransformer(nn.Module):
                 raise TypeError(f"VisionTransformer got an unexpected keyword argument {name!r}")
             if value != _UNSUPPORTED_UNLESS_DEFAULT[name] and value is not None:
                 raise NotImplementedError(f"{name}={value!r} is not supported by fastvit (only the default)")
+        _check_sizes(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, reg_tokens,
+                     dict(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
+                          attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate))  # fmt: skip
         if global_pool not in POOLS:
             raise NotImplementedError(f"global_pool: expected one of {POOLS}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
@@ -333,6 +358,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     fastvit.load_checkpoint). fastvit downloads nothing: pretrained=True without a checkpoint_path is an
     error that says how to pass one.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str such as 'vit_base_patch16_224', got {type(name).__name__}")
     if name not in MODEL_CONFIGS:
         raise ValueError(f"name: unknown model {name!r}; available: {', '.join(list_models())}")
     if pretrained and checkpoint_path is None:

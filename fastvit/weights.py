@@ -347,6 +347,10 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, use_ema: bool =
     from either side or of the wrong shape raise ValueError listing them; strict=False loads the tensors
     that fit and warns about the rest.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module with timm's ViT keys, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike checkpoint file or folder, got {type(path).__name__}")
     state_dict, layout = read_checkpoint(path, use_ema=use_ema)
     _fit_pos_embed(state_dict, model, layout, path)
     expected = model.state_dict()
