@@ -19,7 +19,9 @@ Design:
   strides applied to the index's digits: a patch index (b, ph, pw), a pixel index (c, i, j), a channel d.
   So NCHW, channels-last or any strided images, the weight as stored, the token tensor and its gradient
   are all read and written in place: no im2col buffer, no transposed copy, no cast copy (operands are
-  converted to DOT_DTYPE after loading, so fp32 images under bf16 autocast are read once, as fp32).
+  converted to DOT_DTYPE after loading, so fp32 images under bf16 autocast are read once, as fp32). One
+  exception: dimages is always written NCHW, then copied to channels-last when the images are (the
+  element-by-element channels-last scatter spills registers at every tile size tried).
 - The forward's grid has extra programs after the GEMM tiles that write the B * prefix class / register
   rows (token + pos), so the whole token tensor comes from one launch.
 - dW splits the long B*N reduction over SPLIT programs per output tile (the (D, C*P*P) output alone has
@@ -29,7 +31,10 @@ Design:
 - Accumulation in fp32; fp32 operands use input_precision "ieee" unless torch allows TF32; offsets int64.
 - Configs: @triton.autotune over a few tile shapes on CUDA (every output element is overwritten, so
   re-running a config is harmless); a fixed config under the interpreter and during CUDA-graph capture.
-  On sm_90 tl.dot lowers to wgmma (HGMMA), on sm_80 to mma.sync (HMMA): see compile_configs().
+  Three candidate tables (_CUDA_CONFIGS): 16-bit dots whose image pixels vectorise (128 x 128 tiles), 16-bit
+  dots whose pixels are gathered element by element (P = 14, channels-last: 64 x 64 tiles) and IEEE fp32
+  (64 x 64). On sm_90 tl.dot lowers to wgmma (HGMMA), on sm_80 to mma.sync (HMMA); every candidate compiles
+  for both with 0 spills (compile_configs(), which passes the JIT's multiple-of-16 hints on the integers).
 
 Caution: the gathered operand is loaded element by element (Triton cannot prove the digit-decomposed
 offsets contiguous), which costs load instructions, not bandwidth; the layer is ~1% of a ViT's FLOPs.
@@ -230,23 +235,31 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 # Under the interpreter every program costs milliseconds: small tiles, and tests reach every ragged branch.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
-# Candidates on CUDA. 16-bit dots: 64-deep K steps; fp32 dots: 32-deep, so the staged tiles fit shared memory
-# (also when fp32 images feed a bf16 dot under autocast). The first of each list is the CUDA-graph default.
+# Candidates on CUDA, per operand class (_Launch.table); the first of each list is the CUDA-graph default. Every
+# one compiles for sm_90 (HGMMA) and sm_80 (HMMA) with 0 spills at the shapes of compile_configs(), so one table
+# serves both archs.
+# - "16-bit": fp16 / bf16 dots whose image operand comes in unit-stride runs of a multiple of 16 pixels (NCHW
+#   with P = 16 or 32): the gathers vectorise and 128 x 128 tiles fit the registers.
+# - "16-bit gathered": shorter or strided pixel runs (P = 14's 14-pixel rows, channels-last's C-strided pixels)
+#   load element by element, each element with its own 64-bit address: 64 x 64 tiles keep those in registers.
+# - "fp32": IEEE fp32 dots run on the FMA units, holding operand slices in registers: 64 x 64 tiles.
 _CUDA_CONFIGS = {
-    16: [
+    "16-bit": [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ],
-    32: [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    "16-bit gathered": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ],
 }
 _AUTOTUNE_KEY = ["M", "N", "K", "KIND_A_M", "KIND_A_K", "KIND_B_K", "KIND_B_N", "KIND_C_M", "KIND_C_N", "P",
                  "PREFIX", "DOT_DTYPE"]  # fmt: skip
-_AUTOTUNED = {bits: triton.autotune(configs, key=_AUTOTUNE_KEY)(_patch_embed_kernel) for bits, configs in _CUDA_CONFIGS.items()}
+_AUTOTUNED = {table: triton.autotune(configs, key=_AUTOTUNE_KEY)(_patch_embed_kernel) for table, configs in _CUDA_CONFIGS.items()}
 
 
 def _patch_dim(stride_b, stride_ph, stride_pw, grid):
@@ -286,6 +299,7 @@ class _Launch:
     N: int
     num_prefix_rows: int
     split: int
+    gathered: bool  # an image operand's pixels come in runs too short or strided to vectorise
 
     def grid(self, meta):
         tiles_n = triton.cdiv(self.N, meta["BLOCK_N"])
@@ -293,7 +307,14 @@ class _Launch:
 
     def candidates(self):
         """The CUDA configs to choose from for this launch's dot dtype."""
-        return _CUDA_CONFIGS[32 if self.constexprs["DOT_DTYPE"] == tl.float32 else 16]
+        return _CUDA_CONFIGS[self.table]
+
+    @property
+    def table(self):
+        """The key of this launch's candidates in _CUDA_CONFIGS."""
+        if self.constexprs["DOT_DTYPE"] == tl.float32:
+            return "fp32"
+        return "16-bit gathered" if self.gathered else "16-bit"
 
     def run(self):
         device = self.args["C"].device
@@ -303,7 +324,7 @@ class _Launch:
             kernel, grid = _patch_embed_kernel, self.grid(config.kwargs)
             tile = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         else:
-            kernel, grid, tile = _AUTOTUNED[32 if self.constexprs["DOT_DTYPE"] == tl.float32 else 16], self.grid, {}
+            kernel, grid, tile = _AUTOTUNED[self.table], self.grid, {}
         with device_context(self.args["C"]):
             kernel[grid](**self.args, **self.constexprs, **tile)
 
@@ -323,7 +344,9 @@ def _plan(C, A, B, dims, sizes, *, bias=None, pos=None, cls=None, reg=None, pref
         P=P, PREFIX=prefix, HAS_CLS=cls is not None, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
         POS_ON_PREFIX=pos_on_prefix, DOT_DTYPE=_TL_DTYPE[dot_dtype], DOT_PRECISION=dot_precision(dot_dtype),
     )  # fmt: skip
-    return _Launch(args, constexprs, M, N, num_prefix_rows, split)
+    # pixel digits (c, i, j) vectorise when j has unit stride and runs a multiple of 16 elements
+    gathered = any(kind.value == PIXEL.value and (strides[2] != 1 or P % 16) for kind, strides in dims)
+    return _Launch(args, constexprs, M, N, num_prefix_rows, split, gathered)
 
 
 def _forward_launch(tokens, images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class):
@@ -413,12 +436,13 @@ def patch_embed_backward(dtokens, images, weight, prefix, compute_dimages, compu
     D, _, P, _ = weight.shape
     dimages = None
     if compute_dimages:
-        if images_grad_is_channels_last(images):
-            dimages = new_output((B, H, W, C), images.dtype, images.device).permute(0, 3, 1, 2)
-        else:
-            dimages = new_output((B, C, H, W), images.dtype, images.device)
+        # always written NCHW: a channels-last scatter is element by element (C-strided pixel runs) and spills
+        # past 255 registers at any tile size; one copy of dimages into channels-last is far cheaper
+        dimages = new_output((B, C, H, W), images.dtype, images.device)
         if B > 0:
             _dimages_launch(dimages, dtokens, weight, prefix).run()
+        if images_grad_is_channels_last(images):
+            dimages = dimages.contiguous(memory_format=torch.channels_last)
 
     dweight = None
     if compute_dweight:
@@ -433,59 +457,66 @@ def patch_embed_backward(dtokens, images, weight, prefix, compute_dimages, compu
     return dimages, dweight, dtokens.sum(0, dtype=torch.float32)
 
 
+def _production_launches(dtype, P=16, image_dtype=None, channels_last=False, reg=0, no_embed_class=False):
+    """The forward, dW and dX launches of ViT-B's stem (B = 256, 224 x 224 images, D = 768) on meta tensors."""
+    meta = dict(device="meta")
+    images = torch.empty(256, 3, 224, 224, dtype=image_dtype or dtype, **meta)
+    if channels_last:
+        images = images.to(memory_format=torch.channels_last)
+    weight = torch.empty(768, 3, P, P, dtype=dtype, **meta)
+    grid = (224 // P, 224 // P)
+    prefix = 1 + reg
+    out_dtype = torch.promote_types(dtype, images.dtype)
+    tokens = torch.empty(256, prefix + grid[0] * grid[1], 768, dtype=out_dtype, **meta)
+    pos = torch.empty(1, grid[0] * grid[1] + (0 if no_embed_class else prefix), 768, dtype=out_dtype, **meta)
+    cls = torch.empty(1, 1, 768, dtype=out_dtype, **meta)
+    regs = torch.empty(1, reg, 768, dtype=out_dtype, **meta) if reg else None
+    bias = torch.empty(768, dtype=dtype, **meta)
+    partial = torch.empty(7, 768, 3 * P * P, dtype=torch.float32, **meta)
+    return {
+        "fwd": _forward_launch(tokens, images, weight, bias, pos, cls, regs, no_embed_class),
+        "dW": _dweight_launch(partial, tokens, images, weight, prefix),
+        "dX": _dimages_launch(torch.empty(images.shape, dtype=images.dtype, **meta), tokens, weight, prefix),  # NCHW
+    }
+
+
+def _kernel_config(label, launch, config):
+    """The KernelConfig of one launch under one tile config, typed as the JIT specialises it."""
+    types, constexprs = {}, dict(launch.constexprs, **config.kwargs)
+    for name, value in launch.args.items():
+        if isinstance(value, torch.Tensor):
+            types[name] = "*" + TORCH_TO_TRITON_DTYPE[value.dtype]
+        elif value is None or value == 1:  # Triton's launcher specialises None and ints equal to 1
+            constexprs[name] = value
+        else:  # and marks the integers that are multiples of 16 (tt.divisibility): so must we
+            types[name] = "i32:16" if value % 16 == 0 else "i32"
+    tiles = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return KernelConfig(_patch_embed_kernel, "gemm", f"{label} {tiles} w{config.num_warps} s{config.num_stages}",
+                        types, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+
+
 def compile_configs():
-    """Every CUDA candidate for ViT-B/16's stem at 224 in bf16 (forward with a class token, dW, dX), and
-    the default config for fp16, fp32 (IEEE), bf16 autocast on fp32 images, channels-last images, register
-    tokens with no_embed_class, and patch sizes 14 and 32: built from the launchers' own plans on meta
-    tensors, so the kinds, strides and dtypes are exactly what they pass."""
-
-    def launches(dtype, P=16, image_dtype=None, channels_last=False, reg=0, no_embed_class=False):
-        meta = dict(device="meta")
-        images = torch.empty(256, 3, 224, 224, dtype=image_dtype or dtype, **meta)
-        if channels_last:
-            images = images.to(memory_format=torch.channels_last)
-        weight = torch.empty(768, 3, P, P, dtype=dtype, **meta)
-        grid = (224 // P, 224 // P)
-        prefix = 1 + reg
-        out_dtype = torch.promote_types(dtype, images.dtype)
-        tokens = torch.empty(256, prefix + grid[0] * grid[1], 768, dtype=out_dtype, **meta)
-        pos = torch.empty(1, grid[0] * grid[1] + (0 if no_embed_class else prefix), 768, dtype=out_dtype, **meta)
-        cls = torch.empty(1, 1, 768, dtype=out_dtype, **meta)
-        regs = torch.empty(1, reg, 768, dtype=out_dtype, **meta) if reg else None
-        bias = torch.empty(768, dtype=dtype, **meta)
-        partial = torch.empty(7, 768, 3 * P * P, dtype=torch.float32, **meta)
-        return {
-            "fwd": _forward_launch(tokens, images, weight, bias, pos, cls, regs, no_embed_class),
-            "dW": _dweight_launch(partial, tokens, images, weight, prefix),
-            "dX": _dimages_launch(torch.empty_like(images), tokens, weight, prefix),
-        }
-
-    def kernel_config(label, launch, config):
-        types, constexprs = {}, dict(launch.constexprs, **config.kwargs)
-        for name, value in launch.args.items():
-            if isinstance(value, torch.Tensor):
-                types[name] = "*" + TORCH_TO_TRITON_DTYPE[value.dtype]
-            elif value is None or value == 1:  # Triton's launcher specialises None and ints equal to 1
-                constexprs[name] = value
-            else:
-                types[name] = "i32"
-        tiles = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        return KernelConfig(_patch_embed_kernel, "gemm", f"{label} {tiles} w{config.num_warps} s{config.num_stages}",
-                            types, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-
-    configs = []
-    for mode, launch in launches(torch.bfloat16).items():
-        configs += [kernel_config(f"{mode} P=16 bf16", launch, config) for config in launch.candidates()]
-    variants = {
-        "fp16": dict(dtype=torch.float16),
-        "fp32": dict(dtype=torch.float32),
-        "bf16 autocast (fp32 images)": dict(dtype=torch.bfloat16, image_dtype=torch.float32),
-        "bf16 channels-last": dict(dtype=torch.bfloat16, channels_last=True),
-        "bf16 reg=4 no_embed_class": dict(dtype=torch.bfloat16, reg=4, no_embed_class=True),
+    """ViT-B's stem at 224 (forward with a class token, dW, dX; B = 256): every CUDA candidate for bf16 with
+    P = 16, P = 14 and channels-last images (the gathered table) and for fp32 (IEEE), and the default config
+    for fp16, bf16 autocast on fp32 images, register tokens with no_embed_class and P = 32. Built from the
+    launchers' own plans on meta tensors, so the kinds, strides, dtypes, divisibility hints and tables are
+    exactly what the launchers pass and pick."""
+    every_candidate = {
+        "bf16": dict(dtype=torch.bfloat16),
         "bf16 P=14": dict(dtype=torch.bfloat16, P=14),
+        "bf16 channels-last": dict(dtype=torch.bfloat16, channels_last=True),
+        "fp32": dict(dtype=torch.float32),
+    }
+    default_only = {
+        "fp16": dict(dtype=torch.float16),
+        "bf16 autocast (fp32 images)": dict(dtype=torch.bfloat16, image_dtype=torch.float32),
+        "bf16 reg=4 no_embed_class": dict(dtype=torch.bfloat16, reg=4, no_embed_class=True),
         "bf16 P=32": dict(dtype=torch.bfloat16, P=32),
     }
-    for label, variant in variants.items():
-        for mode, launch in launches(**variant).items():
-            configs.append(kernel_config(f"{mode} {label}", launch, launch.candidates()[0]))
+    configs = []
+    for variants, every in ((every_candidate, True), (default_only, False)):
+        for label, variant in variants.items():
+            for mode, launch in _production_launches(**variant).items():
+                candidates = launch.candidates() if every else launch.candidates()[:1]
+                configs += [_kernel_config(f"{mode} {label}", launch, config) for config in candidates]
     return configs

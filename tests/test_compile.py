@@ -63,8 +63,6 @@ def test_configs_compile():
 # Spills known today, each tracked in the issue notes; any spill outside this list fails. A ratchet, not
 # a waiver: remove an entry when its kernel is fixed (the test then keeps it fixed).
 KNOWN_SPILLS = {
-    # implicit-im2col loads without the JIT's integer divisibility hints in compile_configs (issue 5)
-    ("_patch_embed_kernel", "sm_90", ""), ("_patch_embed_kernel", "sm_80", ""),
     # Ampere at head dims 80 / 128: the 16-row tail variants pass 255 registers (issue 3)
     ("_attn_fwd_kernel", "sm_80", "d=80"), ("_attn_fwd_kernel", "sm_80", "d=128"),
     ("_attn_bwd_dq_kernel", "sm_80", "d=80"), ("_attn_bwd_dq_kernel", "sm_80", "d=128"),
