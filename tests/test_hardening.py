@@ -377,3 +377,62 @@ def test_model_backward_is_bitwise_deterministic():
         runs.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in runs[0].items():
         assert torch.equal(grad, runs[1][name]), f"{name}: gradients differ between two identical backward runs"
+
+
+# ---------------------------------------------------------------------------------------------------
+# int64 offsets: element offsets past 2^31 through views of a sparse file (virtual memory, no allocation)
+# ---------------------------------------------------------------------------------------------------
+
+ROW_STRIDE = 2**30  # row 2 starts 2^31 elements past row 0: an int32 offset computation wraps there
+BASE = 2**31  # views start here, so a wrapped (negative) offset still lands inside the file: a wrong value
+
+
+@pytest.fixture
+def huge_storage(tmp_path):
+    """A 1-D fp32 tensor of 2^32 + 2^20 elements (16 GiB of address space) backed by a sparse file: pages
+    exist only once written, so the test touches a few KiB while the kernels address beyond 2^31."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the sparse-file views are CPU tensors, read through the interpreter")
+    size = 2**32 + 2**20
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(size * 4)
+    return torch.from_file(str(path), shared=False, size=size, dtype=torch.float32)
+
+
+def far_apart(storage, values, offset=0):
+    """`values` (R, ...) with rows ROW_STRIDE elements apart in `storage`, starting at BASE + `offset`."""
+    view = torch.as_strided(storage, values.shape, (ROW_STRIDE, *values[0].stride()), BASE + offset)
+    with torch.no_grad():
+        view.copy_(values)
+    return view.requires_grad_()
+
+
+INT64_OPS = {
+    "layer_norm": lambda s: (ops.layer_norm, far_apart(s, rand(3, 8)), rand(8), rand(8)),
+    "linear": lambda s: (ops.linear, far_apart(s, rand(3, 8)), rand(4, 8), rand(4)),
+    "layer_norm_linear": lambda s: (ops.layer_norm_linear, far_apart(s, rand(3, 8)), rand(8), rand(8), rand(4, 8)),
+    "attention_batch": lambda s: (ops.attention, *(far_apart(s, rand(3, 1, 5, 16), i * 80) for i in range(3))),
+    "qkv_attention_batch": lambda s: (lambda qkv: ops.qkv_attention(qkv, 2), far_apart(s, rand(3, 5, 48))),
+    "attention_rows": lambda s: (ops.attention, *(far_apart(s, rand(3, 1, 1, 16), i * 16).permute(1, 2, 0, 3)
+                                                  for i in range(3))),
+    "patch_embed_batch": lambda s: (ops.patch_embed, far_apart(s, rand(3, 3, 16, 16)), rand(8, 3, 8, 8), rand(8), None),
+}
+
+
+@pytest.mark.parametrize("op", INT64_OPS)
+def test_offsets_beyond_2_pow_31_elements(op, huge_storage):
+    """The third row (or batch) of the input lies 2^31 elements past the first: the output and every
+    gradient (the backward reads the saved input through the same strides) match the same values
+    laid out contiguously, which an int32 offset would not (it wraps 2^32 elements back, to unwritten
+    zeros of the file)."""
+    call, *args = INT64_OPS[op](huge_storage)
+    args = [a.requires_grad_() if torch.is_tensor(a) and a.is_leaf else a for a in args]
+    compact = [a.detach().contiguous().requires_grad_() if torch.is_tensor(a) else a for a in args]
+    outputs = [call(*inputs) for inputs in (args, compact)]
+    dy = torch.randn_like(outputs[0])
+    grads = [torch.autograd.grad(out, [a for a in inputs if torch.is_tensor(a)], dy)
+             for out, inputs in zip(outputs, (args, compact))]
+    assert_close(outputs[0], outputs[1], name=op)
+    for i, (far, near) in enumerate(zip(*grads)):
+        assert_close(far, near, name=f"{op}: gradient of input {i}")
