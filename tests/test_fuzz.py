@@ -11,12 +11,14 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-import fastvit
-from conftest import DEVICE, DTYPES, assert_close, tolerance
-from fastvit import ops
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (the test extra)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastvit  # noqa: E402
+from conftest import DEVICE, DTYPES, assert_close, tolerance  # noqa: E402
+from fastvit import ops  # noqa: E402
 
 FUZZ = settings(max_examples=int(os.environ.get("FASTVIT_FUZZ_EXAMPLES", 8)), deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
