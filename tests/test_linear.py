@@ -37,9 +37,10 @@ MODEL_USES = {  # the Linears of a ViT block and head, each at one of the issue'
 
 
 def make_inputs(M, K, N, spec, dtype, lead=()):
-    """fp64 leaf tensors for one call: random, never zeros; LayerNorm inputs get a large mean."""
+    """fp64 leaf tensors for one call: random, never zeros; LayerNorm inputs get a large mean (spec's
+    ln_mean, default 3)."""
     x = torch.randn(*lead, M, K, dtype=torch.float64)
-    inputs = {"x": x + 3.0 if spec.get("ln") else x, "weight": torch.randn(N, K, dtype=torch.float64) / K**0.5}
+    inputs = {"x": x + spec.get("ln_mean", 3.0) if spec.get("ln") else x, "weight": torch.randn(N, K, dtype=torch.float64) / K**0.5}
     if spec.get("ln") and spec.get("ln_affine", True):
         inputs["ln_weight"] = torch.rand(K, dtype=torch.float64) + 0.5
         inputs["ln_bias"] = torch.randn(K, dtype=torch.float64) * 0.5
@@ -123,6 +124,24 @@ def test_model_uses(use, dtype):
     if dtype == torch.float32 and K * N > 200_000:
         pytest.skip("the biggest shapes run once, in bf16 (interpreter time)")
     check_against_fp64(M, K, N, spec, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_layer_norm_prologue_large_mean(dtype):
+    """The GEMM computes LayerNorm's row statistics itself: with mean ~ 1000 x std (where a one-pass
+    E[x^2] - E[x]^2 cancels) over K = 200 (three K tiles, the last ragged), the output and every gradient
+    hold the flash rule, and the mean / rstd saved for the backward match fp64 (fp32 inputs)."""
+    spec = dict(ln=True, bias=True, ln_mean=1000.0)
+    check_against_fp64(17, 200, 48, spec, dtype)
+    if dtype == torch.float32:
+        inputs = make_inputs(17, 200, 48, spec, dtype)
+        x = inputs["x"]
+        args = (x, inputs["weight"], inputs["bias"], None, None, inputs["ln_weight"], inputs["ln_bias"], None,
+                "none", 0.0, 1e-6, True, False, dtype)  # fmt: skip
+        _, _, mean, rstd = _linear_fwd(*args)
+        x64 = x.double()
+        assert_close(mean, x64.mean(-1).float(), atol=0.0, rtol=1e-6, name="saved mean")
+        assert_close(rstd, (x64.var(-1, unbiased=False) + 1e-6).rsqrt().float(), atol=0.0, rtol=1e-4, name="rstd")
 
 
 def test_fc2_vit_base_shape_forward():
