@@ -38,7 +38,9 @@ With p = 0 the DROPOUT constexpr compiles the random numbers out entirely.
 
 Layouts: q, k, v, dO, O and every output take arbitrary (batch, head, row) strides with a unit last-dim
 stride, so the packed qkv views of timm (B, N, 3, H, d) and a (B, N, H * d) output need no copies.
-Batch and head offsets are computed in int64; row offsets in int32 (row * row_stride must stay < 2^31).
+Every pointer offset is int64: batch, head and row indices are cast before they multiply their strides, so
+row * row_stride may pass 2^31 elements (e.g. a (N, B, H, d) layout seen as (B, H, N, d)). The dropout
+counter query_row * Nk + key_col stays int32: sequences up to 46340 tokens get distinct counters.
 
 Caution: @triton.autotune runs only on CUDA (the interpreter has no driver); under the interpreter the
 launchers pick one fixed config. The default configs compile for sm_90 with HGMMA and no spills at
@@ -111,8 +113,8 @@ def _fwd_kv_step(
 ):
     """One online-softmax step over keys kv_start .. kv_start + BLOCK_N (log2 domain)."""
     kv_rows = kv_start + tl.arange(0, BLOCK_N)
-    k = _load_tile(K + kv_rows[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
-    v = _load_tile(V + kv_rows[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    k = _load_tile(K + kv_rows.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    v = _load_tile(V + kv_rows.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASK_N:
         s = tl.where(kv_rows[None, :] < N_KV, s, float("-inf"))
@@ -136,7 +138,7 @@ def _fwd_rows(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     q_rows = q_start + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + q_rows[:, None] * stride_qn + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    q = _load_tile(Q + q_rows.to(tl.int64)[:, None] * stride_qn + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
     qk_scale = scale * 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -156,7 +158,7 @@ def _fwd_rows(
     out = acc / l_i[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    _store_tile(Out + q_rows[:, None] * stride_on + cols_d[None, :], out, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    _store_tile(Out + q_rows.to(tl.int64)[:, None] * stride_on + cols_d[None, :], out, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to the natural log: ln(2)
     if MASK_M:
         tl.store(LSE + q_rows, lse, mask=q_rows < N_Q)
@@ -224,8 +226,8 @@ def _bwd_dq_kv_step(
 ):
     """dQ += dS K over keys kv_start .. kv_start + BLOCK_N (without the final scale)."""
     kv_rows = kv_start + tl.arange(0, BLOCK_N)
-    k = _load_tile(K + kv_rows[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
-    v = _load_tile(V + kv_rows[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    k = _load_tile(K + kv_rows.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    v = _load_tile(V + kv_rows.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     p = tl.math.exp2(s - lse2[:, None])
     if MASK_N:
@@ -250,9 +252,9 @@ def _bwd_dq_rows(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     q_rows = q_start + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + q_rows[:, None] * stride_qn + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
-    do = _load_tile(DO + q_rows[:, None] * stride_don + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
-    o = _load_tile(O + q_rows[:, None] * stride_on + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    q = _load_tile(Q + q_rows.to(tl.int64)[:, None] * stride_qn + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    do = _load_tile(DO + q_rows.to(tl.int64)[:, None] * stride_don + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    o = _load_tile(O + q_rows.to(tl.int64)[:, None] * stride_on + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     if MASK_M:
         tl.store(Delta + q_rows, delta, mask=q_rows < N_Q)
@@ -275,7 +277,7 @@ def _bwd_dq_rows(
         dropout_p, HEAD_DIM, EVEN_D, TAIL_N, True, DROPOUT, DOT_PRECISION,
     )  # fmt: skip
     dq = dq * scale
-    _store_tile(DQ + q_rows[:, None] * stride_dqn + cols_d[None, :], dq, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    _store_tile(DQ + q_rows.to(tl.int64)[:, None] * stride_dqn + cols_d[None, :], dq, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
 
 
 @triton.jit
@@ -343,8 +345,8 @@ def _bwd_dkdv_q_step(
 ):
     """dK += dS^T Q and dV += (P Z)^T dO over query rows q_start .. q_start + BLOCK_M (transposed tiles)."""
     q_rows = q_start + tl.arange(0, BLOCK_M)
-    q = _load_tile(Q + q_rows[:, None] * stride_qn + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
-    do = _load_tile(DO + q_rows[:, None] * stride_don + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    q = _load_tile(Q + q_rows.to(tl.int64)[:, None] * stride_qn + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    do = _load_tile(DO + q_rows.to(tl.int64)[:, None] * stride_don + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
     if MASK_M:  # padding query rows get LSE = +inf, so their P column is exactly 0
         lse2 = tl.load(LSE + q_rows, mask=q_rows < N_Q, other=float("inf")) * 1.4426950408889634
         delta = tl.load(Delta + q_rows, mask=q_rows < N_Q, other=0.0)
@@ -378,8 +380,8 @@ def _bwd_dkdv_rows(
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     kv_rows = kv_start + tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + kv_rows[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
-    v = _load_tile(V + kv_rows[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    k = _load_tile(K + kv_rows.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    v = _load_tile(V + kv_rows.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
     qk_scale = scale * 1.4426950408889634  # log2(e)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -395,8 +397,8 @@ def _bwd_dkdv_rows(
         seed_bh, dropout_p, HEAD_DIM, EVEN_D, TAIL_M, True, DROPOUT, DOT_PRECISION,
     )  # fmt: skip
     dk = dk * scale
-    _store_tile(DK + kv_rows[:, None] * stride_dkn + cols_d[None, :], dk, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
-    _store_tile(DV + kv_rows[:, None] * stride_dvn + cols_d[None, :], dv, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    _store_tile(DK + kv_rows.to(tl.int64)[:, None] * stride_dkn + cols_d[None, :], dk, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    _store_tile(DV + kv_rows.to(tl.int64)[:, None] * stride_dvn + cols_d[None, :], dv, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
 
 
 @triton.jit
@@ -604,38 +606,46 @@ def attention_backward(do, q, k, v, o, lse, scale, dropout_p=0.0, seed=None, dq=
     return dq, dk, dv
 
 
+_KERNELS = {  # name: (kernel, tensors in the dtype, their stride-name prefixes, fp32 tensors)
+    "fwd": (_attn_fwd_kernel, ("Out", "Q", "K", "V"), ("o", "q", "k", "v"), ("LSE",)),
+    "dq": (_attn_bwd_dq_kernel, ("DQ", "Q", "K", "V", "O", "DO"), ("dq", "q", "k", "v", "o", "do"), ("Delta", "LSE")),
+    "dkdv": (_attn_bwd_dkdv_kernel, ("DK", "DV", "Q", "K", "V", "DO"), ("dk", "dv", "q", "k", "v", "do"), ("LSE", "Delta")),
+}
+
+
+def _kernel_config(name, head_dim, dtype, dropout, shape, n_ctx=197, label=""):
+    """The KernelConfig of kernel `name` for ViT's layouts at sequence length n_ctx: packed qkv views in, (B, N,
+    H * d) out, so every batch / head / row stride is a multiple of 16 for d = 64, 80, 128 (the JIT's "i32:16");
+    H and the lengths are not assumed to be. shape: (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    from ._helpers import KernelConfig
+
+    kernel, tensors, stride_names, fp32_tensors = _KERNELS[name]
+    block_m, block_n, num_warps, num_stages = shape
+    types = {t: f"*{dtype}" for t in tensors}
+    types.update({t: "*fp32" for t in fp32_tensors})
+    types.update({f"stride_{s}{dim}": "i32:16" for s in stride_names for dim in "bhn"})
+    types.update({"H": "i32", "N_Q": "i32", "N_KV": "i32", "scale": "fp32", "dropout_p": "fp32"})
+    if dropout:
+        types["Seed"] = "*i64"
+    constexprs = {
+        "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "TAIL_M": _tail(n_ctx, block_m), "TAIL_N": _tail(n_ctx, block_n), "DROPOUT": dropout,
+        "DOT_PRECISION": "tf32", **({} if dropout else {"Seed": None}),
+    }  # fmt: skip
+    label = f"{name} N={n_ctx} d={head_dim} {dtype}{' dropout' if dropout else ''}{label}"
+    return KernelConfig(kernel, "attention", label, types, constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
 def compile_configs():
     """Forward, dQ and dK/dV at ViT's N = 197 (ragged 16-row tails in both directions) for head dims 64, 80
     (ViT-H/so400m style padded 128) and 128, bf16 and fp16, with each kernel's first (default) autotune
     candidate; plus the dropout variants at d = 64 bf16."""
-    from ._helpers import KernelConfig
-
-    n_ctx = 197
-    kernels = (
-        ("fwd", _attn_fwd_kernel, _FWD_TABLE, ("Out", "Q", "K", "V"), ("o", "q", "k", "v"), ("LSE",)),
-        ("dq", _attn_bwd_dq_kernel, _DQ_TABLE, ("DQ", "Q", "K", "V", "O", "DO"),
-         ("dq", "q", "k", "v", "o", "do"), ("Delta", "LSE")),
-        ("dkdv", _attn_bwd_dkdv_kernel, _DKDV_TABLE, ("DK", "DV", "Q", "K", "V", "DO"),
-         ("dk", "dv", "q", "k", "v", "do"), ("LSE", "Delta")),
-    )  # fmt: skip
+    tables = {"fwd": _FWD_TABLE, "dq": _DQ_TABLE, "dkdv": _DKDV_TABLE}
     configs = []
     for head_dim in (64, 80, 128):
         for dtype in ("bf16", "fp16"):
             for dropout in (False, True) if (head_dim, dtype) == (64, "bf16") else (False,):
-                for name, kernel, table, tensors, stride_names, fp32_tensors in kernels:
-                    block_m, block_n, num_warps, num_stages = _table_row(table, _block_d(head_dim))[0]
-                    types = {t: f"*{dtype}" for t in tensors}
-                    types.update({t: "*fp32" for t in fp32_tensors})
-                    types.update({f"stride_{s}{dim}": "i32" for s in stride_names for dim in "bhn"})
-                    types.update({"H": "i32", "N_Q": "i32", "N_KV": "i32", "scale": "fp32", "dropout_p": "fp32"})
-                    if dropout:
-                        types["Seed"] = "*i64"
-                    constexprs = {
-                        "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
-                        "TAIL_M": _tail(n_ctx, block_m), "TAIL_N": _tail(n_ctx, block_n), "DROPOUT": dropout,
-                        "DOT_PRECISION": "tf32", **({} if dropout else {"Seed": None}),
-                    }  # fmt: skip
-                    label = f"{name} N={n_ctx} d={head_dim} {dtype}{' dropout' if dropout else ''}"
-                    configs.append(KernelConfig(kernel, "attention", label, types, constexprs,
-                                                num_warps=num_warps, num_stages=num_stages))  # fmt: skip
+                for name, table in tables.items():
+                    shape = _table_row(table, _block_d(head_dim))[0]
+                    configs.append(_kernel_config(name, head_dim, dtype, dropout, shape))
     return configs

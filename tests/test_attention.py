@@ -17,6 +17,7 @@ from fastvit.ops.attention import attention, qkv_attention
 
 # the module itself: fastvit.ops re-exports the function `attention`, which shadows the submodule attribute
 attention_ops = importlib.import_module("fastvit.ops.attention")
+attention_kernels = importlib.import_module("fastvit.kernels.attention")
 
 
 def math_attention(q, k, v, scale, keep=None, dropout_p=0.0):
@@ -178,6 +179,38 @@ def test_backward_is_bitwise_deterministic():
     second = forward_backward(run, leaves, dout)
     assert torch.equal(first[0], second[0])
     assert torch.equal(first[1][0], second[1][0])
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the views live in a memory-mapped file, in host memory")
+def test_int64_row_offsets(tmp_path):
+    """Row offsets past 2^31 elements without allocating them: q, k, v, dO and every output are (1, 1, 3, d)
+    views with a row stride of 2^30 elements into a sparse memory-mapped file, of which only the few pages
+    the rows touch ever take memory. The views start 2^31 elements into the file, so an int32 row offset
+    (row 2: 2^31 wraps to -2^31) would read the zeros at the file's start instead of faulting; the results
+    must equal a run on contiguous copies, forward and backward."""
+    N, d, row_stride, start = 3, 16, 2**30, 2**31
+    slots = ("q", "k", "v", "do", "out", "dq", "dk", "dv")  # d columns each, side by side in every row
+    numel = start + (N - 1) * row_stride + len(slots) * d
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(numel * 4)  # a hole: no disk blocks, no memory
+    storage = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
+    views = {name: torch.as_strided(storage, (1, 1, N, d), (row_stride, row_stride, row_stride, 1), start + i * d)
+             for i, name in enumerate(slots)}  # fmt: skip
+    for name in ("q", "k", "v", "do"):
+        views[name].copy_(torch.randn(1, 1, N, d))
+    q, k, v, do = (views[name] for name in ("q", "k", "v", "do"))
+    scale = d**-0.5
+
+    out, lse = attention_kernels.attention_forward(q, k, v, scale, out=views["out"])
+    grads = attention_kernels.attention_backward(do, q, k, v, out, lse, scale, dq=views["dq"], dk=views["dk"], dv=views["dv"])
+    small = [t.clone() for t in (q, k, v, do)]
+    out_ref, lse_ref = attention_kernels.attention_forward(*small[:3], scale)
+    grads_ref = attention_kernels.attention_backward(small[3], *small[:3], out_ref, lse_ref, scale)
+    assert_close(out, out_ref, name="out")
+    assert_close(lse, lse_ref, name="lse")
+    for name, grad, grad_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close(grad, grad_ref, name=name)
 
 
 def test_torch_backend_parity():
