@@ -172,13 +172,23 @@ def _op_cases(batch):
 OPS = list(_op_cases(1))
 LINEAR_BATCH0_LAUNCH = pytest.mark.xfail(
     strict=True,
-    reason="kernels/linear.py:428 linear_backward launches the dweight GEMM with reduction length K = M = 0 "
-           "(_gemm returns early only for an empty output, kernels/linear.py:363): batch 0 should zero-fill "
+    reason="kernels/linear.py:448 linear_backward launches the dweight GEMM with reduction length K = M = 0 "
+           "(_gemm returns early only for an empty output, kernels/linear.py:379): batch 0 should zero-fill "
            "dweight / dbias without a launch",
 )
 
 
-@pytest.mark.parametrize("op", OPS)
+LINEAR_BATCH0_GELU_CUDA = pytest.mark.xfail(
+    DEVICE.type == "cuda", strict=True,
+    reason="on an H200 the batch-0 backward of linear / layer_norm_linear with GELU raises triton's "
+           "CompilationError in _linear_kernel (kernels/linear.py:222 region, the dweight GEMM launched with "
+           "reduction length 0 at kernels/linear.py:448); not launching at batch 0 removes it",
+)
+
+
+@pytest.mark.parametrize(
+    "op", [pytest.param(o, marks=LINEAR_BATCH0_GELU_CUDA) if "linear" in o else o for o in OPS]
+)
 def test_batch_zero_gives_empty_outputs_and_zero_gradients(op):
     inputs, call = _op_cases(0)[op]
     with fastvit.count_launches() as launches:
@@ -202,6 +212,7 @@ def test_batch_zero_backward_launches_nothing(op):
     assert launches.total == 0, launches
 
 
+@LINEAR_BATCH0_GELU_CUDA
 def test_batch_zero_through_the_model():
     model, x = tiny_model(), images(0).requires_grad_()
     with fastvit.count_launches() as launches:
@@ -222,6 +233,13 @@ def test_batch_zero_model_backward_launches_nothing():
     assert launches.total == 0, launches
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """torch's conv2d on CUDA uses TF32 by default (cudnn.allow_tf32): keep the torch path in IEEE fp32,
+    as the kernels are unless torch allows TF32 matmuls."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def _against_torch_backend(model, x):
     """Logits and every parameter gradient on the Triton path, then on the torch path."""
     results = []
@@ -240,7 +258,7 @@ def _against_torch_backend(model, x):
 @pytest.mark.parametrize(
     "config", [dict(), dict(img_size=8, class_token=False, global_pool="avg")], ids=["batch1", "batch1_one_token"]
 )
-def test_batch_one_and_a_single_token(config):
+def test_batch_one_and_a_single_token(config, no_tf32):
     """Batch 1, and N = 1 (one patch, no class token: every attention softmax is over a single key)."""
     model = tiny_model(**config)
     _against_torch_backend(model, images(1, model.patch_embed.img_size[0]))
