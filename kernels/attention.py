@@ -43,10 +43,11 @@ row * row_stride may pass 2^31 elements (e.g. a (N, B, H, d) layout seen as (B, 
 counter query_row * Nk + key_col stays int32: sequences up to 46340 tokens get distinct counters.
 
 Caution: @triton.autotune runs only on CUDA (the interpreter has no driver); under the interpreter the
-launchers pick one fixed config. The default configs compile for sm_90 with HGMMA and no spills at
-d = 64, 80 and 128, and for sm_80 without spills at d = 64; on sm_80 a 128-wide head dim still spills
-(the tail instantiations push ptxas past 255 registers): Ampere-specific tables are future work. fp32 dots use kernels/_helpers.dot_precision (IEEE unless torch allows
-TF32).
+launchers pick one fixed config. Each arch has its own table (_ARCH_TABLES, chosen from the device's
+compute capability at launch): the defaults compile with no spills at d = 64, 80 and 128 for the arch
+that runs them, with HGMMA on sm_90. Ampere's backward reloads its resident operands every step
+(RELOAD): holding them in registers for mma.sync spills at BLOCK_D = 128. fp32 dots use
+kernels/_helpers.dot_precision (IEEE unless torch allows TF32).
 """
 import math
 
@@ -91,6 +92,27 @@ def _store_tile(ptrs, value, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr
         tl.store(ptrs, value, mask=cols[None, :] < n_cols)
     else:
         tl.store(ptrs, value)
+
+
+@triton.jit
+def _resident(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, RELOAD: tl.constexpr):
+    """A backward program's resident operand (dQ: its q, dO rows; dK/dV: its k, v rows): the tile itself,
+    or with RELOAD its pointers, for _operand to load again at every step."""
+    if RELOAD:
+        resident = ptrs
+    else:
+        resident = _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS, MASK_COLS)
+    return resident
+
+
+@triton.jit
+def _operand(resident, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, RELOAD: tl.constexpr):
+    """The tile of a _resident operand, for one step."""
+    if RELOAD:
+        tile = _load_tile(resident, rows, n_rows, cols, n_cols, MASK_ROWS, MASK_COLS)
+    else:
+        tile = resident
+    return tile
 
 
 @triton.jit
@@ -220,11 +242,13 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kv_step(
-    dq, q, do, lse2, delta, q_rows, K, V, kv_start, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh, dropout_p,
-    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dQ += dS K over keys kv_start .. kv_start + BLOCK_N (without the final scale)."""
+    dq, q, do, lse2, delta, q_rows, N_Q, K, V, kv_start, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
+    dropout_p, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, RELOAD: tl.constexpr,
+):  # fmt: skip
+    """dQ += dS K over keys kv_start .. kv_start + BLOCK_N (without the final scale); q, do are _resident."""
+    q = _operand(q, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D, RELOAD)
+    do = _operand(do, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D, RELOAD)
     kv_rows = kv_start + tl.arange(0, BLOCK_N)
     k = _load_tile(K + kv_rows.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
     v = _load_tile(V + kv_rows.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
@@ -247,15 +271,20 @@ def _bwd_dq_rows(
     N_Q, N_KV, scale, seed_bh, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RELOAD: tl.constexpr,
 ):  # fmt: skip
     """Delta and dQ for query rows q_start .. q_start + BLOCK_M of one (batch, head)."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     q_rows = q_start + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + q_rows.to(tl.int64)[:, None] * stride_qn + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
-    do = _load_tile(DO + q_rows.to(tl.int64)[:, None] * stride_don + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
+    q_ptrs = Q + q_rows.to(tl.int64)[:, None] * stride_qn + cols_d[None, :]
+    do_ptrs = DO + q_rows.to(tl.int64)[:, None] * stride_don + cols_d[None, :]
+    do = _load_tile(do_ptrs, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
     o = _load_tile(O + q_rows.to(tl.int64)[:, None] * stride_on + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    q = _resident(q_ptrs, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D, RELOAD)
+    if RELOAD:  # the dO tile loaded for Delta stays resident, unless the steps reload it too
+        do = do_ptrs
     if MASK_M:
         tl.store(Delta + q_rows, delta, mask=q_rows < N_Q)
         lse = tl.load(LSE + q_rows, mask=q_rows < N_Q, other=0.0)
@@ -269,12 +298,12 @@ def _bwd_dq_rows(
     n_full = (N_KV - 1) // BLOCK_N * BLOCK_N  # the last tile, full or not, is the masked tail step
     for kv_start in range(0, n_full, BLOCK_N):
         dq = _bwd_dq_kv_step(
-            dq, q, do, lse2, delta, q_rows, K, V, kv_start, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
-            dropout_p, HEAD_DIM, EVEN_D, BLOCK_N, False, DROPOUT, DOT_PRECISION,
+            dq, q, do, lse2, delta, q_rows, N_Q, K, V, kv_start, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
+            dropout_p, HEAD_DIM, EVEN_D, MASK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION, RELOAD,
         )  # fmt: skip
     dq = _bwd_dq_kv_step(
-        dq, q, do, lse2, delta, q_rows, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
-        dropout_p, HEAD_DIM, EVEN_D, TAIL_N, True, DROPOUT, DOT_PRECISION,
+        dq, q, do, lse2, delta, q_rows, N_Q, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
+        dropout_p, HEAD_DIM, EVEN_D, MASK_M, TAIL_N, True, DROPOUT, DOT_PRECISION, RELOAD,
     )  # fmt: skip
     dq = dq * scale
     _store_tile(DQ + q_rows.to(tl.int64)[:, None] * stride_dqn + cols_d[None, :], dq, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
@@ -303,6 +332,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RELOAD: tl.constexpr,  # load the program's resident operands again at every step (sm_80: see _ARCH_TABLES)
 ):  # fmt: skip
     n_tiles = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
@@ -327,23 +357,26 @@ def _attn_bwd_dq_kernel(
         _bwd_dq_rows(
             DQ, Delta, Q, K, V, O, DO, LSE, q_start, stride_dqn, stride_qn, stride_kn, stride_vn, stride_on,
             stride_don, N_Q, N_KV, scale, seed_bh, dropout_p,
-            HEAD_DIM, BLOCK_D, BLOCK_M, False, BLOCK_N, TAIL_N, DROPOUT, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_M, False, BLOCK_N, TAIL_N, DROPOUT, DOT_PRECISION, RELOAD,
         )  # fmt: skip
     else:
         _bwd_dq_rows(
             DQ, Delta, Q, K, V, O, DO, LSE, q_start, stride_dqn, stride_qn, stride_kn, stride_vn, stride_on,
             stride_don, N_Q, N_KV, scale, seed_bh, dropout_p,
-            HEAD_DIM, BLOCK_D, TAIL_M, True, BLOCK_N, TAIL_N, DROPOUT, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, TAIL_M, True, BLOCK_N, TAIL_N, DROPOUT, DOT_PRECISION, RELOAD,
         )  # fmt: skip
 
 
 @triton.jit
 def _bwd_dkdv_q_step(
     dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, q_start, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale, seed_bh,
-    dropout_p, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """dK += dS^T Q and dV += (P Z)^T dO over query rows q_start .. q_start + BLOCK_M (transposed tiles)."""
+    dropout_p, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK_M: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, RELOAD: tl.constexpr,
+):  # fmt: skip
+    """dK += dS^T Q and dV += (P Z)^T dO over query rows q_start .. q_start + BLOCK_M (transposed tiles); k, v
+    are _resident."""
+    k = _operand(k, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D, RELOAD)
+    v = _operand(v, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D, RELOAD)
     q_rows = q_start + tl.arange(0, BLOCK_M)
     q = _load_tile(Q + q_rows.to(tl.int64)[:, None] * stride_qn + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
     do = _load_tile(DO + q_rows.to(tl.int64)[:, None] * stride_don + cols_d[None, :], q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
@@ -375,13 +408,14 @@ def _bwd_dkdv_rows(
     N_Q, N_KV, scale, seed_bh, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RELOAD: tl.constexpr,
 ):  # fmt: skip
     """dK and dV for key rows kv_start .. kv_start + BLOCK_N of one (batch, head)."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     kv_rows = kv_start + tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + kv_rows.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
-    v = _load_tile(V + kv_rows.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
+    k = _resident(K + kv_rows.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D, RELOAD)
+    v = _resident(V + kv_rows.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D, RELOAD)
     qk_scale = scale * 1.4426950408889634  # log2(e)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -390,11 +424,11 @@ def _bwd_dkdv_rows(
     for q_start in range(0, n_full, BLOCK_M):
         dk, dv = _bwd_dkdv_q_step(
             dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, q_start, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale,
-            seed_bh, dropout_p, HEAD_DIM, EVEN_D, BLOCK_M, False, DROPOUT, DOT_PRECISION,
+            seed_bh, dropout_p, HEAD_DIM, EVEN_D, MASK_N, BLOCK_M, False, DROPOUT, DOT_PRECISION, RELOAD,
         )  # fmt: skip
     dk, dv = _bwd_dkdv_q_step(
         dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, n_full, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale,
-        seed_bh, dropout_p, HEAD_DIM, EVEN_D, TAIL_M, True, DROPOUT, DOT_PRECISION,
+        seed_bh, dropout_p, HEAD_DIM, EVEN_D, MASK_N, TAIL_M, True, DROPOUT, DOT_PRECISION, RELOAD,
     )  # fmt: skip
     dk = dk * scale
     _store_tile(DK + kv_rows.to(tl.int64)[:, None] * stride_dkn + cols_d[None, :], dk, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
@@ -424,6 +458,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RELOAD: tl.constexpr,  # load the program's resident operands again at every step (sm_80: see _ARCH_TABLES)
 ):  # fmt: skip
     n_tiles = tl.cdiv(N_KV, BLOCK_N)
     pid = tl.program_id(0)
@@ -448,13 +483,13 @@ def _attn_bwd_dkdv_kernel(
         _bwd_dkdv_rows(
             DK, DV, Q, K, V, DO, LSE, Delta, kv_start, stride_dkn, stride_dvn, stride_qn, stride_kn, stride_vn,
             stride_don, N_Q, N_KV, scale, seed_bh, dropout_p,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, BLOCK_M, TAIL_M, DROPOUT, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, BLOCK_M, TAIL_M, DROPOUT, DOT_PRECISION, RELOAD,
         )  # fmt: skip
     else:
         _bwd_dkdv_rows(
             DK, DV, Q, K, V, DO, LSE, Delta, kv_start, stride_dkn, stride_dvn, stride_qn, stride_kn, stride_vn,
             stride_don, N_Q, N_KV, scale, seed_bh, dropout_p,
-            HEAD_DIM, BLOCK_D, TAIL_N, True, BLOCK_M, TAIL_M, DROPOUT, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, TAIL_N, True, BLOCK_M, TAIL_M, DROPOUT, DOT_PRECISION, RELOAD,
         )  # fmt: skip
 
 
@@ -479,17 +514,29 @@ def _configs(table):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per BLOCK_D, first = the default. Query
-# tiles of 64 rows keep the N = 197 tail cheap; a 128-wide head dim needs 8 warps (or 32-row key tiles)
-# to stay clear of spills. The BLOCK_D 64 and 128 candidates listed first compile for sm_90 with HGMMA
-# and no spills (see compile_configs); 256 is supported for completeness, not tuned.
-_FWD_TABLE = {
-    64: [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
-    128: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
-    256: [(64, 32, 8, 2), (32, 32, 4, 2)],
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch and BLOCK_D, first = the default.
+# Query tiles of 64 rows keep the N = 197 tail cheap; a 128-wide head dim needs 8 warps (or 32-row key tiles)
+# to stay clear of spills. 256 is supported for completeness, not tuned.
+# sm_90 (Hopper and newer): wgmma reads its operands from shared memory, so each backward program keeps its
+# resident operands (dQ: q, dO; dK/dV: k, v) loaded once. Ampere (sm_8x): mma.sync needs them in registers,
+# where at BLOCK_D = 128 they push ptxas past 255 registers; its backward reloads them every step instead
+# (RELOAD, from L1 / L2), and its forward takes 32-row key tiles at BLOCK_D = 128.
+_ARCH_TABLES = {
+    90: {
+        "fwd": {
+            64: [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
+            128: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+            256: [(64, 32, 8, 2), (32, 32, 4, 2)],
+        },
+        "dq": {64: [(64, 64, 8, 2), (64, 32, 4, 3)], 128: [(64, 64, 8, 2), (64, 32, 8, 2)], 256: [(32, 32, 8, 2)]},
+        "dkdv": {64: [(32, 64, 4, 3), (64, 64, 4, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
+    },
+    80: {
+        "fwd": {64: [(64, 64, 4, 3), (64, 32, 4, 3)], 128: [(64, 32, 8, 2)], 256: [(32, 32, 4, 2)]},
+        "dq": {64: [(64, 64, 8, 2), (64, 32, 4, 3)], 128: [(64, 64, 8, 2), (64, 32, 8, 2)], 256: [(32, 32, 8, 2)]},
+        "dkdv": {64: [(32, 64, 4, 3), (64, 64, 4, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
+    },
 }
-_DQ_TABLE = {64: [(64, 64, 8, 2), (64, 32, 4, 3)], 128: [(64, 64, 8, 2), (64, 32, 8, 2)], 256: [(32, 32, 8, 2)]}
-_DKDV_TABLE = {64: [(32, 64, 4, 3), (64, 64, 4, 2)], 128: [(32, 64, 8, 2), (64, 64, 8, 2)], 256: [(32, 32, 8, 2)]}
 # Fixed configs under the interpreter (no driver to autotune with): small tiles, so the tests' short
 # sequences still cross full tiles and a ragged tail in every direction.
 _INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4}
@@ -518,9 +565,16 @@ def _tuned(kernel, table):
     return triton.autotune(_configs(table), key=["N_Q", "N_KV", "HEAD_DIM"], prune_configs_by=_prune(table))(kernel)
 
 
-_attn_fwd = _tuned(_attn_fwd_kernel, _FWD_TABLE)
-_attn_bwd_dq = _tuned(_attn_bwd_dq_kernel, _DQ_TABLE)
-_attn_bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, _DKDV_TABLE)
+_KERNEL_FUNCTIONS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+_TUNED = {arch: {name: _tuned(_KERNEL_FUNCTIONS[name], table) for name, table in tables.items()}
+          for arch, tables in _ARCH_TABLES.items()}  # fmt: skip
+
+
+def _arch(device) -> int:
+    """The _ARCH_TABLES key for a device: 90 for sm_90 and newer, 80 for Ampere / Ada; 90 under the interpreter."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return 80
+    return 90
 
 
 def _launch_options(interpreter_config):
@@ -557,7 +611,7 @@ def attention_forward(q, k, v, scale, dropout_p=0.0, seed=None, out=None):
     dropout = dropout_p > 0
     grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     with device_context(q):
-        _attn_fwd[grid](
+        _TUNED[_arch(q.device)]["fwd"][grid](
             out, lse, q, k, v, seed if dropout else None,
             *_strides(out), *_strides(q), *_strides(k), *_strides(v),
             H, N_Q, N_KV, float(scale), float(dropout_p),
@@ -588,16 +642,18 @@ def attention_backward(do, q, k, v, o, lse, scale, dropout_p=0.0, seed=None, dq=
     delta = new_output((B, H, N_Q), torch.float32, q.device)
     dropout = dropout_p > 0
     seed = seed if dropout else None
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout, DOT_PRECISION=dot_precision(q.dtype))
+    arch = _arch(q.device)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout, DOT_PRECISION=dot_precision(q.dtype),
+                  RELOAD=arch < 90)  # fmt: skip
     with device_context(q):
         # dQ first: its prologue writes Delta = rowsum(dO * O), which the dK / dV kernel reads
-        _attn_bwd_dq[lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,)](
+        _TUNED[arch]["dq"][lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,)](
             dq, delta, q, k, v, o, do, lse, seed,
             *_strides(dq), *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
             H, N_Q, N_KV, float(scale), float(dropout_p),
             **common, **_launch_options(_INTERPRETER_CONFIG),
         )  # fmt: skip
-        _attn_bwd_dkdv[lambda meta: (triton.cdiv(N_KV, meta["BLOCK_N"]) * B * H,)](
+        _TUNED[arch]["dkdv"][lambda meta: (triton.cdiv(N_KV, meta["BLOCK_N"]) * B * H,)](
             dk, dv, q, k, v, do, lse, delta, seed,
             *_strides(dk), *_strides(dv), *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             H, N_Q, N_KV, float(scale), float(dropout_p),
@@ -606,20 +662,21 @@ def attention_backward(do, q, k, v, o, lse, scale, dropout_p=0.0, seed=None, dq=
     return dq, dk, dv
 
 
-_KERNELS = {  # name: (kernel, tensors in the dtype, their stride-name prefixes, fp32 tensors)
-    "fwd": (_attn_fwd_kernel, ("Out", "Q", "K", "V"), ("o", "q", "k", "v"), ("LSE",)),
-    "dq": (_attn_bwd_dq_kernel, ("DQ", "Q", "K", "V", "O", "DO"), ("dq", "q", "k", "v", "o", "do"), ("Delta", "LSE")),
-    "dkdv": (_attn_bwd_dkdv_kernel, ("DK", "DV", "Q", "K", "V", "DO"), ("dk", "dv", "q", "k", "v", "do"), ("LSE", "Delta")),
+_KERNEL_ARGS = {  # name: (tensors in the dtype, their stride-name prefixes, fp32 tensors)
+    "fwd": (("Out", "Q", "K", "V"), ("o", "q", "k", "v"), ("LSE",)),
+    "dq": (("DQ", "Q", "K", "V", "O", "DO"), ("dq", "q", "k", "v", "o", "do"), ("Delta", "LSE")),
+    "dkdv": (("DK", "DV", "Q", "K", "V", "DO"), ("dk", "dv", "q", "k", "v", "do"), ("LSE", "Delta")),
 }
 
 
-def _kernel_config(name, head_dim, dtype, dropout, shape, n_ctx=197, label=""):
+def _kernel_config(name, arch, head_dim, dtype, dropout, shape, n_ctx=197):
     """The KernelConfig of kernel `name` for ViT's layouts at sequence length n_ctx: packed qkv views in, (B, N,
     H * d) out, so every batch / head / row stride is a multiple of 16 for d = 64, 80, 128 (the JIT's "i32:16");
-    H and the lengths are not assumed to be. shape: (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    H and the lengths are not assumed to be. arch: the _ARCH_TABLES key the config is for; shape: (BLOCK_M,
+    BLOCK_N, num_warps, num_stages)."""
     from ._helpers import KernelConfig
 
-    kernel, tensors, stride_names, fp32_tensors = _KERNELS[name]
+    kernel, (tensors, stride_names, fp32_tensors) = _KERNEL_FUNCTIONS[name], _KERNEL_ARGS[name]
     block_m, block_n, num_warps, num_stages = shape
     types = {t: f"*{dtype}" for t in tensors}
     types.update({t: "*fp32" for t in fp32_tensors})
@@ -630,22 +687,27 @@ def _kernel_config(name, head_dim, dtype, dropout, shape, n_ctx=197, label=""):
     constexprs = {
         "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "TAIL_M": _tail(n_ctx, block_m), "TAIL_N": _tail(n_ctx, block_n), "DROPOUT": dropout,
-        "DOT_PRECISION": "tf32", **({} if dropout else {"Seed": None}),
+        "DOT_PRECISION": "tf32", **({} if dropout else {"Seed": None}), **({} if name == "fwd" else {"RELOAD": arch < 90}),
     }  # fmt: skip
-    label = f"{name} N={n_ctx} d={head_dim} {dtype}{' dropout' if dropout else ''}{label}"
+    tiles = "x".join(map(str, shape[:2])) + f" w{shape[2]} s{shape[3]}"
+    label = f"{name} N={n_ctx} d={head_dim} {dtype}{' dropout' if dropout else ''} sm_{arch} table {tiles}"
     return KernelConfig(kernel, "attention", label, types, constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 def compile_configs():
     """Forward, dQ and dK/dV at ViT's N = 197 (ragged 16-row tails in both directions) for head dims 64, 80
-    (ViT-H/so400m style padded 128) and 128, bf16 and fp16, with each kernel's first (default) autotune
-    candidate; plus the dropout variants at d = 64 bf16."""
-    tables = {"fwd": _FWD_TABLE, "dq": _DQ_TABLE, "dkdv": _DKDV_TABLE}
-    configs = []
-    for head_dim in (64, 80, 128):
-        for dtype in ("bf16", "fp16"):
-            for dropout in (False, True) if (head_dim, dtype) == (64, "bf16") else (False,):
-                for name, table in tables.items():
-                    shape = _table_row(table, _block_d(head_dim))[0]
-                    configs.append(_kernel_config(name, head_dim, dtype, dropout, shape))
+    (ViT-H/so400m style padded 128) and 128, bf16 and fp16, with the first (default) autotune candidate of each
+    arch's table, plus the dropout variants at d = 64 bf16. A config both archs run alike (same tiles, no
+    RELOAD difference) is listed once, as sm_90's."""
+    configs, seen = [], set()
+    for arch, tables in _ARCH_TABLES.items():
+        for head_dim in (64, 80, 128):
+            for dtype in ("bf16", "fp16"):
+                for dropout in (False, True) if (head_dim, dtype) == (64, "bf16") else (False,):
+                    for name, table in tables.items():
+                        shape = _table_row(table, _block_d(head_dim))[0]
+                        key = (name, head_dim, dtype, dropout, shape, name != "fwd" and arch < 90)
+                        if key not in seen:
+                            seen.add(key)
+                            configs.append(_kernel_config(name, arch, head_dim, dtype, dropout, shape))
     return configs

@@ -181,6 +181,21 @@ def test_backward_is_bitwise_deterministic():
     assert torch.equal(first[1][0], second[1][0])
 
 
+@pytest.mark.parametrize("layout, N, d", [("packed", 50, 32), ("transposed", 17, 80)])
+def test_ampere_reload_path_is_bitwise_equal(monkeypatch, layout, N, d):
+    """Ampere's backward loads its resident operands again at every step (RELOAD): the same arithmetic in
+    the same order, so the gradients equal the resident path's bit for bit (ragged tails, masked head dims)."""
+    leaves, views = make_inputs(layout, 2, 2, N, d, torch.float16)
+    dout = torch.randn(2, 2, N, d, device=DEVICE)
+    run = lambda t: run_ours(layout, t, views, 2)  # noqa: E731
+    resident = forward_backward(run, leaves, dout)
+    monkeypatch.setattr(attention_kernels, "_arch", lambda device: 80)
+    reloaded = forward_backward(run, leaves, dout)
+    assert torch.equal(resident[0], reloaded[0])
+    for grad, grad_reloaded in zip(resident[1], reloaded[1]):
+        assert torch.equal(grad, grad_reloaded)
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the views live in a memory-mapped file, in host memory")
 def test_int64_row_offsets(tmp_path):
     """Row offsets past 2^31 elements without allocating them: q, k, v, dO and every output are (1, 1, 3, d)
