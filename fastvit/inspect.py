@@ -96,7 +96,7 @@ def _list_module(module_name):
         listed.append({
             "index": index, "label": cfg.label, "kind": cfg.kind, "num_warps": cfg.num_warps,
             "num_stages": cfg.num_stages, "kernel": jit.fn.__name__ if jit else repr(cfg.kernel),
-            "kernel_module": jit.fn.__module__ if jit else module_name,
+            "kernel_module": jit.fn.__module__ if jit else module_name, "archs": list(cfg.archs),
         })  # fmt: skip
     defined = []
     for name, obj in vars(module).items():
@@ -226,7 +226,8 @@ def inspect_kernels(archs=("sm_90", "sm_80"), kernel=None, jobs=None):
                 continue
             for cfg in listing["configs"]:
                 if _selected(kernel, module_name, cfg["kernel"]):
-                    pending += [pool.submit(_compile_row, module_name, cfg["index"], a) for a in arch_numbers]
+                    pending += [pool.submit(_compile_row, module_name, cfg["index"], a)
+                                for a in arch_numbers if a in cfg["archs"]]
             for name in listing["kernels"]:
                 if (module_name, name) not in covered and _selected(kernel, module_name, name):
                     pending += [_row(kernel=name, module=module_name, config="", arch=f"sm_{a}", compiled=False,

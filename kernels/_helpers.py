@@ -86,6 +86,7 @@ class KernelConfig:
     constexprs: dict  # constexpr argument name -> value (None-pointer arguments are constexpr None)
     num_warps: int = 4
     num_stages: int = 3
+    archs: tuple = (90, 80)  # the compute capabilities whose launchers pick this config
 
     def signature(self) -> dict:
         """The full `triton.compile` signature: every kernel argument in order, constexprs marked."""

@@ -669,11 +669,11 @@ _KERNEL_ARGS = {  # name: (tensors in the dtype, their stride-name prefixes, fp3
 }
 
 
-def _kernel_config(name, arch, head_dim, dtype, dropout, shape, n_ctx=197):
+def _kernel_config(name, arch, head_dim, dtype, dropout, shape, archs, n_ctx=197):
     """The KernelConfig of kernel `name` for ViT's layouts at sequence length n_ctx: packed qkv views in, (B, N,
     H * d) out, so every batch / head / row stride is a multiple of 16 for d = 64, 80, 128 (the JIT's "i32:16");
     H and the lengths are not assumed to be. arch: the _ARCH_TABLES key the config is for; shape: (BLOCK_M,
-    BLOCK_N, num_warps, num_stages)."""
+    BLOCK_N, num_warps, num_stages); archs: the compute capabilities whose launchers pick it."""
     from ._helpers import KernelConfig
 
     kernel, (tensors, stride_names, fp32_tensors) = _KERNEL_FUNCTIONS[name], _KERNEL_ARGS[name]
@@ -691,7 +691,8 @@ def _kernel_config(name, arch, head_dim, dtype, dropout, shape, n_ctx=197):
     }  # fmt: skip
     tiles = "x".join(map(str, shape[:2])) + f" w{shape[2]} s{shape[3]}"
     label = f"{name} N={n_ctx} d={head_dim} {dtype}{' dropout' if dropout else ''} sm_{arch} table {tiles}"
-    return KernelConfig(kernel, "attention", label, types, constexprs, num_warps=num_warps, num_stages=num_stages)
+    return KernelConfig(kernel, "attention", label, types, constexprs, num_warps=num_warps, num_stages=num_stages,
+                        archs=archs)
 
 
 def compile_configs():
@@ -699,7 +700,7 @@ def compile_configs():
     (ViT-H/so400m style padded 128) and 128, bf16 and fp16, with the first (default) autotune candidate of each
     arch's table, plus the dropout variants at d = 64 bf16. A config both archs run alike (same tiles, no
     RELOAD difference) is listed once, as sm_90's."""
-    configs, seen = [], set()
+    listed = {}  # config key -> (the first arch listing it, the archs that launch it)
     for arch, tables in _ARCH_TABLES.items():
         for head_dim in (64, 80, 128):
             for dtype in ("bf16", "fp16"):
@@ -707,7 +708,8 @@ def compile_configs():
                     for name, table in tables.items():
                         shape = _table_row(table, _block_d(head_dim))[0]
                         key = (name, head_dim, dtype, dropout, shape, name != "fwd" and arch < 90)
-                        if key not in seen:
-                            seen.add(key)
-                            configs.append(_kernel_config(name, arch, head_dim, dtype, dropout, shape))
-    return configs
+                        listed.setdefault(key, (arch, []))[1].append(arch)
+    return [
+        _kernel_config(name, arch, head_dim, dtype, dropout, shape, tuple(archs))
+        for (name, head_dim, dtype, dropout, shape, _), (arch, archs) in listed.items()
+    ]
