@@ -282,9 +282,11 @@ def _linear_kernel(
 # ----------------------------------------------------------------------------------------------- configs
 
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# Under the interpreter every tl op costs ~0.1 ms of Python whatever the tile size: few, large tiles. The
-# tests' shapes (K = 100, N = 48 / 200 / 576, M = 17 / 397) still leave ragged tails in every dim, and
-# M = 397 (4 row-blocks) makes 2 program groups.
+# Under the interpreter every tl op costs ~0.1 ms of Python whatever the tile size: few, large tiles, even
+# where much of a tile is masked (measured on the tiny training step of tests/test_training.py, M = 320,
+# K, N = 64..192: 128 x 64 tiles interpret ~1.2x slower, 64 x 64 ~1.7x, BLOCK_K = 32 ~1.5x). The tests'
+# shapes (K = 100, N = 48 / 200 / 576, M = 17 / 397) still leave ragged tails in every dim, and M = 397
+# (4 row-blocks) makes 2 program groups.
 _INTERPRETER_TILE = dict(zip(_TILE_KEYS, (128, 128, 64, 2, 4, 1)))
 # Hopper / Ampere candidates: 128-row tiles feed wgmma with 2 warpgroups (8 warps) or 1 (4 warps);
 # 16-bit operands take BLOCK_K = 64 (128-byte rows for the swizzled shared-memory layout), fp32 half that.
