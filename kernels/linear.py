@@ -24,7 +24,7 @@ the dW GEMM's programs see only BLOCK_N columns of a row of x, so they could not
 bitwise the same values (same data, same order), so the stored copy is deterministic.
 Cost, measured on H200 (ViT-B QKV: M = 50432, K = 768, N = 2304, bf16 weights): each column-block re-reads
 its rows of x from L2 (N / BLOCK_N times in all) with no MMA to hide it behind. At 128 x 256 tiles the
-GEMM takes 0.78 ms (bf16 x) / 0.82 ms (fp32 x, the autocast residual stream) against 0.65 ms for a
+GEMM takes 0.80 ms (bf16 x) / 0.87 ms (fp32 x, the autocast residual stream) against 0.65 ms for a
 separate statistics kernel (~0.04 ms, 8 bytes written a row) plus the GEMM; at the 128 x 128 default
 tile 1.24 / 1.42 ms against 0.92 / 0.95 ms. So the fused pass costs the two LN GEMMs of a block 20-50 %
 where a separate pass costs ~5 %: it does not pay for itself, and is bought for the issue's five-launch
