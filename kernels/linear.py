@@ -16,21 +16,6 @@ Backward, with d = dy * keep / (1 - p) (the dropout mask regenerated from the se
                                                 walk all of m for a block of n: deterministic, no atomics
     d residual = dy; LN's dx, dlw, dlb: kernels/layer_norm.py's backward on dx_in (one row-wise pass)
 
-LayerNorm statistics (LN_A): each program computes the fp32 mean / rstd of its BLOCK_M rows of x itself,
-in a first, software-pipelined pass over K before the main loop (per-tile mean and M2 merged with Chan's
-update: no E[x^2] - E[x]^2 cancellation when the mean is 1000 x std), so LN -> GEMM is one launch and a
-block forward five. The pid_n == 0 programs store them for the backward instead of it recomputing them:
-the dW GEMM's programs see only BLOCK_N columns of a row of x, so they could not; every program computes
-bitwise the same values (same data, same order), so the stored copy is deterministic.
-Cost, measured on H200 (ViT-B QKV: M = 50432, K = 768, N = 2304, bf16 weights): each column-block re-reads
-its rows of x from L2 (N / BLOCK_N times in all) with no MMA to hide it behind. At 128 x 256 tiles the
-GEMM takes 0.80 ms (bf16 x) / 0.87 ms (fp32 x, the autocast residual stream) against 0.65 ms for a
-separate statistics kernel (~0.04 ms, 8 bytes written a row) plus the GEMM; at the 128 x 128 default
-tile 1.24 / 1.42 ms against 0.92 / 0.95 ms. So the fused pass costs the two LN GEMMs of a block 20-50 %
-where a separate pass costs ~5 %: it does not pay for itself, and is bought for the issue's five-launch
-budget. Getting both needs the residual GEMM that produces x to emit per-column-block partial
-(mean, M2) in its epilogue, merged here in N_prev / BLOCK_N steps per row (a cross-op change).
-
 dGELU is fused from the *saved* pre-activation z (the tensor eager's GELU saves too), not recomputed: a
 recompute would be a third GEMM. The dropout mask is never stored: tl.rand(seed, m * N + n) gives the same
 keep decision in the forward epilogue and in both backward prologues.
@@ -44,6 +29,14 @@ Design:
 - Plain pointer loads, no tensor descriptors (triton 3.6's descriptors do not run in the interpreter that
   tests this file); on sm_90 tl.dot still lowers to wgmma (HGMMA) for BLOCK_M >= 64 and num_warps a
   multiple of 4, on sm_80 to mma.sync (HMMA): see compile_configs().
+- LayerNorm statistics come from a separate row pass (_row_stats_kernel: x read once, 8 bytes written per
+  row), not from a pass over K inside the GEMM. Measured on an H200 (triton 3.6; ViT-B QKV, M = 50432,
+  K = 768, N = 2304, bf16): the row pass costs 36-52 us, while computing the statistics in the GEMM's own
+  prologue made it 23-50 % slower (648 -> 796 us at 128 x 256 tiles, 919 -> 1243 us at 128 x 128), since
+  every column block re-reads its rows of x with no MMA to hide the reads. DESIGN.md §2 admits a statistics
+  pass that pays for itself, so a block forward is 5 GEMM / attention launches plus 2 statistics passes.
+  Dropping them for free needs the residual GEMM that produces x to emit per-column-block (mean, M2)
+  partials in its epilogue (a cross-op change).
 - Configs: one fixed config under the interpreter; on CUDA a measured pick among a few candidates per
   bucketed (M, N, K), dtype and flag set, cached per process, with a pre-tuned default for ViT-S/B/L
   shapes used while a CUDA graph is being captured or when FASTVIT_AUTOTUNE=0.
@@ -58,6 +51,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, new_output
+from .layer_norm import _config as layer_norm_config
 from .layer_norm import layer_norm_backward
 
 _SQRT_1_2 = tl.constexpr(0.7071067811865476)
@@ -96,28 +90,6 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 def _dropout_keep(Seed, rows, cols, n_cols, p):
     """Keep-mask of element (rows, cols) of an (., n_cols) output: the same bits in forward and backward."""
     return tl.rand(tl.load(Seed), rows.to(tl.int64) * n_cols + cols) >= p
-
-
-@triton.jit
-def _row_statistics(A, rows, row_mask, stride_am, stride_ak, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 (mean, rstd) of rows `rows` of A (M, K): one pass over K in BLOCK_K tiles. Each tile is centred
-    on its own mean (exact two-pass in registers) and merged into the running (mean, M2) with Chan's
-    parallel update, so a row mean of 1000 x std never cancels the variance as E[x^2] - E[x]^2 would."""
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # software-pipelined like the main loop: on H200 this halves the pass's cost against a plain loop
-    for k_start in tl.range(0, K, BLOCK_K, num_stages=3):
-        ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask = row_mask[:, None] & (ks < K)[None, :]
-        x = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=mask, other=0.0).to(tl.float32)
-        n_seen = k_start * 1.0
-        n_tile = tl.minimum(K - k_start, BLOCK_K) * 1.0
-        tile_mean = tl.sum(x, axis=1) / n_tile
-        centred = tl.where(mask, x - tile_mean[:, None], 0.0)
-        delta = tile_mean - mean
-        mean += delta * (n_tile / (n_seen + n_tile))
-        m2 += tl.sum(centred * centred, axis=1) + delta * delta * (n_seen * n_tile / (n_seen + n_tile))
-    return mean, tl.rsqrt(m2 / K + eps)
 
 
 @triton.jit
@@ -170,16 +142,15 @@ def _linear_kernel(
     Scale,  # layer scale (n_fwd,): over C's columns in the forward, dy's columns in GRAD_A; or None
     LnW,  # LayerNorm weight over the columns of the normalised operand (A if LN_A, B if LN_B), or None
     LnB,  # LayerNorm bias, same length, or None
-    Mean,  # (M,) fp32 row means of x: written here if LN_A (by the pid_n == 0 programs), read if LN_B; or None
-    Rstd,  # (M,) fp32 row 1/std of x, likewise; or None
+    Mean,  # fp32 row means of the normalised operand (x), or None
+    Rstd,  # fp32 row 1/std of x, or None
     Seed,  # (1,) int64 dropout seed, or None
     Z,  # saved pre-activation (dy's shape), row stride stride_zm, for GRAD_A; or None
     stride_cm, stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_zm,
     M, N, K,
     n_fwd,  # columns of the forward output y (dropout counters are m * n_fwd + n)
     dropout_p,
-    eps,  # LayerNorm's epsilon (LN_A)
-    LN_A: tl.constexpr,  # A is x: compute its row statistics, then LayerNorm it in the prologue (forward)
+    LN_A: tl.constexpr,  # A is x: LayerNorm it in the prologue (forward)
     LN_B: tl.constexpr,  # B is x: LayerNorm it in the prologue (weight gradient)
     HAS_LN_W: tl.constexpr,
     HAS_LN_B: tl.constexpr,
@@ -219,13 +190,9 @@ def _linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_sum_u = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if LN_A:
-        # a first pass over this program's rows of x (hot in L2: the main loop re-reads them right after);
-        # every column-block computes the same values in the same order, the first one saves them for
-        # the backward
-        mean_a, rstd_a = _row_statistics(A, rows, row_mask, stride_am, stride_ak, K, eps, BLOCK_M, BLOCK_K)
-        tl.store(Mean + rows, mean_a, mask=row_mask & (pid_n == 0))
-        tl.store(Rstd + rows, rstd_a, mask=row_mask & (pid_n == 0))
+    if LN_A:  # A's rows are x's rows: their statistics are loop-invariant
+        mean_a = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd_a = tl.load(Rstd + rows, mask=row_mask, other=0.0)
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = ks < K
@@ -279,14 +246,38 @@ def _linear_kernel(
     tl.store(C + c_offsets, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _row_stats_kernel(
+    Mean,  # (M,) fp32 output
+    Rstd,  # (M,) fp32 output
+    X,  # (M, D) input, row stride stride_x_row, unit column stride
+    stride_x_row,
+    M,
+    D,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """LayerNorm's row statistics only (the GEMM normalises on the fly): two passes over registers, as in
+    kernels/layer_norm.py, so a large row mean does not cancel the variance."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    x_centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(x_centered * x_centered, axis=1) / D + eps)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
 # ----------------------------------------------------------------------------------------------- configs
 
 _TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-# Under the interpreter every tl op costs ~0.1 ms of Python whatever the tile size: few, large tiles, even
-# where much of a tile is masked (measured on the tiny training step of tests/test_training.py, M = 320,
-# K, N = 64..192: 128 x 64 tiles interpret ~1.2x slower, 64 x 64 ~1.7x, BLOCK_K = 32 ~1.5x). The tests'
-# shapes (K = 100, N = 48 / 200 / 576, M = 17 / 397) still leave ragged tails in every dim, and M = 397
-# (4 row-blocks) makes 2 program groups.
+# Under the interpreter every tl op costs ~0.1 ms of Python whatever the tile size: few, large tiles. The
+# tests' shapes (K = 100, N = 48 / 200 / 576, M = 17 / 397) still leave ragged tails in every dim, and
+# M = 397 (4 row-blocks) makes 2 program groups.
 _INTERPRETER_TILE = dict(zip(_TILE_KEYS, (128, 128, 64, 2, 4, 1)))
 # Hopper / Ampere candidates: 128-row tiles feed wgmma with 2 warpgroups (8 warps) or 1 (4 warps);
 # 16-bit operands take BLOCK_K = 64 (128-byte rows for the swizzled shared-memory layout), fp32 half that.
@@ -304,8 +295,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 def _default_tile(M: int, N: int, dot_dtype: torch.dtype) -> dict:
     """The pre-tuned pick for ViT-S/B/L shapes (M = batch x 197 tokens in the thousands, N, K = 384..4096):
     128 x 128 tiles with 8 warps; 64-row tiles when M or N is small (the head, tiny batches), so the grid
-    still covers the SMs. (128 x 256, faster for the wide LayerNorm -> GEMMs on H200, spills with the GELU
-    epilogue: it stays an autotuning candidate, not the default.)"""
+    still covers the SMs."""
     wide = dot_dtype != torch.float32  # 16-bit operands
     if M <= 1024 or N <= 256:
         return _CANDIDATES_16[3] if wide else _CANDIDATES_32[2]  # 64 x 128, 4 warps
@@ -355,7 +345,7 @@ def _pick_tile(key, M, N, dot_dtype, launch) -> dict:
     return _tuned[key]
 
 
-def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, eps=0.0, preact=None,
+def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, preact=None,
           row_sum=None, row_sum_u=None, bias=None, residual=None, scale=None, ln_weight=None, ln_bias=None,
           mean=None, rstd=None, seed=None, z=None, ln_a=False, ln_b=False, grad_a=False, trans_a=False,
           activation="none"):
@@ -375,7 +365,7 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         _linear_kernel[grid](
             out, preact, row_sum, row_sum_u, a, b, bias, residual, scale, ln_weight, ln_bias, mean, rstd, seed, z,
             out.stride(0), *a_strides, *b_strides, residual.stride(0) if residual is not None else 0,
-            z.stride(0) if z is not None else 0, M, N, K, n_fwd, dropout_p, eps, **flags, **tile,
+            z.stride(0) if z is not None else 0, M, N, K, n_fwd, dropout_p, **flags, **tile,
         )  # fmt: skip
 
     if M == 0 or N == 0:
@@ -383,6 +373,20 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
     key = (tuple(flags.items()), out.dtype, a.dtype, b.dtype, triton.next_power_of_2(M), N, K)
     with device_context(out):
         launch(_pick_tile(key, M, N, dot_dtype, launch))
+
+
+def _row_stats(x, eps):
+    """fp32 (mean, rstd) of each row of x (M, D), unit column stride, with LayerNorm's row tiling."""
+    M, D = x.shape
+    block_m, block_d, num_warps = layer_norm_config(D)
+    mean = new_output((M,), torch.float32, x.device)
+    rstd = new_output((M,), torch.float32, x.device)
+    if M:
+        with device_context(x):
+            _row_stats_kernel[(triton.cdiv(M, block_m),)](
+                mean, rstd, x, x.stride(0), M, D, eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            )  # fmt: skip
+    return mean, rstd
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -403,12 +407,10 @@ def linear_forward(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, s
     N = weight.shape[0]
     y = new_output((M, N), out_dtype or weight.dtype, x.device)
     preact = new_output((M, N), weight.dtype, x.device) if save_preact else None
-    # the GEMM computes the row statistics itself and writes them here for the backward
-    mean = new_output((M,), torch.float32, x.device) if has_ln else None
-    rstd = new_output((M,), torch.float32, x.device) if has_ln else None
+    mean, rstd = _row_stats(x, eps) if has_ln else (None, None)
     _gemm(
         y, x, weight, x.stride(), (weight.stride(1), weight.stride(0)), M, N, K, dot_dtype=weight.dtype,
-        n_fwd=N, dropout_p=dropout_p, eps=eps, preact=preact, bias=bias, residual=residual, scale=layer_scale,
+        n_fwd=N, dropout_p=dropout_p, preact=preact, bias=bias, residual=residual, scale=layer_scale,
         ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd, seed=seed, ln_a=has_ln, activation=activation,
     )  # fmt: skip
     return y, preact, mean, rstd
@@ -460,7 +462,7 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
 
 def compile_configs():
     """Every GEMM the model launches (forward, dx and dW of each Linear) in bf16, fp16 and fp32, at the
-    pre-tuned default tiles for large and small M. Unit strides are
+    pre-tuned default tiles for large and small M, plus the LayerNorm statistics pass. Unit strides are
     constexpr 1 and row strides, N and K carry the multiple-of-16 hint, as the JIT specialises them at
     ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
     matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
@@ -487,6 +489,15 @@ def compile_configs():
                ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False, DROPOUT=False,
                HAS_RESIDUAL=False, SAVE_PREACT=False)
     configs = []
+    for D in (384, 768, 1024, 1280):
+        block_m, block_d, num_warps = layer_norm_config(D)
+        for dtype in ("bf16", "fp32"):
+            configs.append(KernelConfig(
+                _row_stats_kernel, "rowwise", f"LN statistics D={D} {dtype}",
+                types={"Mean": "*fp32", "Rstd": "*fp32", "X": f"*{dtype}", "stride_x_row": "i32:16",
+                       "M": "i32", "D": "i32:16", "eps": "fp32"},
+                constexprs={"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=num_warps,
+            ))  # fmt: skip
     for torch_dtype in (torch.bfloat16, torch.float16, torch.float32):
         dtype = TORCH_TO_TRITON_DTYPE[torch_dtype]
         for label, (used, flags) in uses.items():
@@ -502,7 +513,7 @@ def compile_configs():
             # row strides, N and K are multiples of 16 at ViT widths (the JIT specialises on that); M is not
             ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                                 "stride_rm", "stride_zm", "N", "K", "n_fwd")}
-            ints.update(M="i32", dropout_p="fp32", eps="fp32")
+            ints.update(M="i32", dropout_p="fp32")
             # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows
             # when B is W^T (forward), else B's columns
             units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")

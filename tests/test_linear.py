@@ -128,9 +128,9 @@ def test_model_uses(use, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_layer_norm_prologue_large_mean(dtype):
-    """The GEMM computes LayerNorm's row statistics itself: with mean ~ 1000 x std (where a one-pass
-    E[x^2] - E[x]^2 cancels) over K = 200 (three K tiles, the last ragged), the output and every gradient
-    hold the flash rule, and the mean / rstd saved for the backward match fp64 (fp32 inputs)."""
+    """LayerNorm -> GEMM with mean ~ 1000 x std (where a one-pass E[x^2] - E[x]^2 cancels) over K = 200
+    (three K tiles, the last ragged): the output and every gradient hold the flash rule, and the mean /
+    rstd saved for the backward match fp64 (fp32 inputs)."""
     spec = dict(ln=True, bias=True, ln_mean=1000.0)
     check_against_fp64(17, 200, 48, spec, dtype)
     if dtype == torch.float32:

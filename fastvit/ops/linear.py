@@ -7,8 +7,7 @@
 W keeps nn.Linear's (N, K) layout, so timm weights load unchanged. x may have any leading batch dims and
 any row strides (a last dim with stride != 1 is copied once). Every optional piece (bias, activation,
 residual, layer scale, dropout, LayerNorm) is a compile-time flag of one kernel, fused into its prologue
-(LayerNorm, with its row statistics computed in the same kernel: one launch per call) or epilogue (the
-rest) while the fp32 accumulator is in registers.
+(LayerNorm) or epilogue (the rest) while the fp32 accumulator is in registers.
 
 Where the model uses them: LN1 -> QKV + bias, and LN2 -> fc1 + bias -> GELU, are layer_norm_linear; proj
 and fc2 (+ bias + residual, optionally layer scale and dropout) are linear; the head is
