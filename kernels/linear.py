@@ -370,6 +370,13 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
 
     if M == 0 or N == 0:
         return
+    if K == 0 and bias is None and residual is None:
+        # An empty reduction (the weight-gradient GEMM of a batch of 0 rows): every product and row sum is
+        # zero, and nothing is launched. Forward GEMMs never get here: ops.linear validates K >= 1.
+        for t in (out, row_sum, row_sum_u):
+            if t is not None:
+                t.zero_()
+        return
     key = (tuple(flags.items()), out.dtype, a.dtype, b.dtype, triton.next_power_of_2(M), N, K)
     with device_context(out):
         launch(_pick_tile(key, M, N, dot_dtype, launch))

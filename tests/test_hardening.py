@@ -170,25 +170,9 @@ def _op_cases(batch):
 
 
 OPS = list(_op_cases(1))
-LINEAR_BATCH0_LAUNCH = pytest.mark.xfail(
-    strict=True,
-    reason="kernels/linear.py:448 linear_backward launches the dweight GEMM with reduction length K = M = 0 "
-           "(_gemm returns early only for an empty output, kernels/linear.py:379): batch 0 should zero-fill "
-           "dweight / dbias without a launch",
-)
 
 
-LINEAR_BATCH0_GELU_CUDA = pytest.mark.xfail(
-    DEVICE.type == "cuda", strict=True,
-    reason="on an H200 the batch-0 backward of linear / layer_norm_linear with GELU raises triton's "
-           "CompilationError in _linear_kernel (kernels/linear.py:222 region, the dweight GEMM launched with "
-           "reduction length 0 at kernels/linear.py:448); not launching at batch 0 removes it",
-)
-
-
-@pytest.mark.parametrize(
-    "op", [pytest.param(o, marks=LINEAR_BATCH0_GELU_CUDA) if "linear" in o else o for o in OPS]
-)
+@pytest.mark.parametrize("op", OPS)
 def test_batch_zero_gives_empty_outputs_and_zero_gradients(op):
     inputs, call = _op_cases(0)[op]
     with fastvit.count_launches() as launches:
@@ -201,9 +185,7 @@ def test_batch_zero_gives_empty_outputs_and_zero_gradients(op):
         assert torch.equal(t.grad, torch.zeros_like(t)), "a batch of 0 contributes no gradient"
 
 
-@pytest.mark.parametrize(
-    "op", [pytest.param(o, marks=LINEAR_BATCH0_LAUNCH) if "linear" in o else o for o in OPS]
-)
+@pytest.mark.parametrize("op", OPS)
 def test_batch_zero_backward_launches_nothing(op):
     inputs, call = _op_cases(0)[op]
     out = call()
@@ -212,7 +194,6 @@ def test_batch_zero_backward_launches_nothing(op):
     assert launches.total == 0, launches
 
 
-@LINEAR_BATCH0_GELU_CUDA
 def test_batch_zero_through_the_model():
     model, x = tiny_model(), images(0).requires_grad_()
     with fastvit.count_launches() as launches:
@@ -224,7 +205,6 @@ def test_batch_zero_through_the_model():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
 
 
-@LINEAR_BATCH0_LAUNCH
 def test_batch_zero_model_backward_launches_nothing():
     model = tiny_model()
     logits = model(images(0))
