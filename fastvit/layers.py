@@ -9,6 +9,11 @@ One block forward, as launches (training adds dropout inside the same launches):
 
     [LN1 > QKV GEMM + bias]  [attention on packed qkv]  [proj GEMM + bias (+ LayerScale) + residual]
     [LN2 > fc1 GEMM + bias > GELU]  [fc2 GEMM + bias (+ LayerScale) + residual]
+
+LayerNorm's row statistics need no launch of their own: each residual GEMM's epilogue stores its
+output's per-column-group (mean, M2) partials, and the next LayerNorm > GEMM combines them in its
+prologue. Only a block whose input comes from elsewhere (the stem, hooks, active stochastic depth) has
+its norm1 take a statistics pass.
 """
 import torch
 import torch.nn as nn
@@ -90,34 +95,55 @@ def _drop_path_active(drop_path: nn.Module) -> bool:
 
 
 def _residual_linear(x, linear, layer_scale, drop_path, dropout, residual):
-    """residual + drop_path(layer_scale * dropout(linear(x))): one GEMM launch unless drop_path is active.
+    """(residual + drop_path(layer_scale * dropout(linear(x))), its row statistics or None): one GEMM
+    launch unless drop_path is active.
 
     Stochastic depth scales each sample's branch by 0 or 1/(1-p) before the add, so while it is active
-    the add runs in PyTorch; in eval (and at drop_path_rate 0) the residual add is fused in the epilogue.
+    the add runs in PyTorch (and the next LayerNorm takes its own statistics); in eval (and at
+    drop_path_rate 0) the residual add is fused in the epilogue, which also emits the output's
+    LayerNorm statistics for the next layer_norm_linear.
     """
     gamma = getattr(layer_scale, "gamma", None)
     p = _active_p(dropout)
     if _drop_path_active(drop_path):
-        return residual + drop_path(ops.linear(x, linear.weight, linear.bias, layer_scale=gamma, dropout_p=p))
-    return ops.linear(x, linear.weight, linear.bias, residual=residual, layer_scale=gamma, dropout_p=p)
+        return residual + drop_path(ops.linear(x, linear.weight, linear.bias, layer_scale=gamma, dropout_p=p)), None
+    return ops.linear(x, linear.weight, linear.bias, residual=residual, layer_scale=gamma, dropout_p=p,
+                      return_stats=True)  # fmt: skip
 
 
-def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def block_forward(block: nn.Module, x: torch.Tensor, x_stats=None, return_stats: bool = False):
     """One pre-norm transformer block on the fused ops. x: (B, N, D) -> (B, N, D).
 
     Works on any module with timm's Block attributes (fastvit.layers.Block or timm's own Block).
+    x_stats: the LayerNorm statistics of x that the previous block returned (None: norm1 takes its own).
+    return_stats=True returns (x, x's statistics or None), for the next block's x_stats: chained this way
+    a block is exactly the five launches above.
     """
     attn, mlp = block.attn, block.mlp
     qkv = ops.layer_norm_linear(x, block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.qkv.bias,
-                                eps=block.norm1.eps)  # (B, N, 3D)  # fmt: skip
+                                eps=block.norm1.eps, x_stats=x_stats)  # (B, N, 3D)  # fmt: skip
     o = ops.qkv_attention(qkv, attn.num_heads, scale=attn.scale, dropout_p=_active_p(attn.attn_drop))  # (B, N, D)
-    x = _residual_linear(o, attn.proj, block.ls1, block.drop_path1, attn.proj_drop, x)
+    x, x_stats = _residual_linear(o, attn.proj, block.ls1, block.drop_path1, attn.proj_drop, x)
 
     h = ops.layer_norm_linear(x, block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
-                              eps=block.norm2.eps, activation=gelu_name(mlp.act))  # (B, N, hidden)  # fmt: skip
+                              eps=block.norm2.eps, activation=gelu_name(mlp.act), x_stats=x_stats)  # (B, N, hidden)  # fmt: skip
     if _active_p(mlp.drop1):
         h = mlp.drop1(h)
-    return _residual_linear(h, mlp.fc2, block.ls2, block.drop_path2, mlp.drop2, x)
+    x, x_stats = _residual_linear(h, mlp.fc2, block.ls2, block.drop_path2, mlp.drop2, x)
+    return (x, x_stats) if return_stats else x
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones): then it must be called as a
+    module, not through block_forward, so the hooks see what they expect."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )
 
 
 def gelu_name(act: nn.Module) -> str:

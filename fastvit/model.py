@@ -2,8 +2,9 @@
 every hot path on fastvit's fused ops, plus the timm-named model registry (create_model).
 
     images ─► [patch-embed GEMM + bias + pos-embed, cls/reg rows]          1 launch
+           ─► [LN statistics of the tokens, for the first block's norm1]     1 launch
            ─► depth × block_forward (fastvit.layers)                        5 launches per block
-           ─► [final LN on the pooled rows ▸ head GEMM]                       1 launch (+1 LN statistics pass)
+           ─► [final LN on the pooled rows ▸ head GEMM]                       1 launch
 
 forward_features() keeps timm's contract (every token normalised); forward() with 'token' pooling pools
 first and normalises only the class rows inside the head GEMM, the same arithmetic since LayerNorm is
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from fastvit import ops
-from fastvit.layers import Block, gelu_name
+from fastvit.layers import Block, block_forward, gelu_name, has_hooks
 
 POOLS = ("", "token", "avg", "max", "avgmax")
 
@@ -270,13 +271,19 @@ class VisionTransformer(nn.Module):
             x = ops.layer_norm(x, self.norm_pre.weight, self.norm_pre.bias, self.norm_pre.eps)
         return x
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor):
+        """(x after every block, its LayerNorm statistics or None). Each block hands the statistics its
+        last GEMM emitted to the next one's norm1; a block with hooks is called as a module instead."""
+        x_stats = None
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            if has_hooks(block):
+                x, x_stats = block(x), None
+            elif self.grad_checkpointing and torch.is_grad_enabled():
+                x, x_stats = torch.utils.checkpoint.checkpoint(block_forward, block, x, x_stats, True,
+                                                               use_reentrant=False)  # fmt: skip
             else:
-                x = block(x)
-        return x
+                x, x_stats = block_forward(block, x, x_stats, return_stats=True)
+        return x, x_stats
 
     @staticmethod
     def _norm(x, norm: nn.Module):
@@ -284,7 +291,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, prefix + N, D), every token through the final norm (timm's contract)."""
-        return self._norm(self._blocks(self._embed(x)), self.norm)
+        return self._norm(self._blocks(self._embed(x))[0], self.norm)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -303,25 +310,28 @@ class VisionTransformer(nn.Module):
         """Pooled, fc-normalised features -> logits (or the features with pre_logits=True)."""
         return self._head(self.pool(x), self.fc_norm, pre_logits)
 
-    def _head(self, x: torch.Tensor, norm: nn.Module, pre_logits: bool = False) -> torch.Tensor:
+    def _head(self, x: torch.Tensor, norm: nn.Module, pre_logits: bool = False, x_stats=None) -> torch.Tensor:
         """norm -> head_drop -> head on pooled (B, D) features; a LayerNorm is fused into the head GEMM's
-        prologue whenever nothing (an active head dropout, pre_logits) stands between them."""
+        prologue whenever nothing (an active head dropout, pre_logits) stands between them, taking x's
+        statistics from x_stats when given."""
         head_dropout_active = self.head_drop.training and self.head_drop.p > 0
         if not pre_logits and isinstance(self.head, nn.Linear) and isinstance(norm, nn.LayerNorm) and not head_dropout_active:
-            return ops.layer_norm_linear(x, norm.weight, norm.bias, self.head.weight, self.head.bias, eps=norm.eps)
+            return ops.layer_norm_linear(x, norm.weight, norm.bias, self.head.weight, self.head.bias, eps=norm.eps,
+                                         x_stats=x_stats)  # fmt: skip
         x = self.head_drop(self._norm(x, norm))
         if pre_logits or not isinstance(self.head, nn.Linear):
             return x
         return ops.linear(x, self.head.weight, self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._blocks(self._embed(x))
+        x, x_stats = self._blocks(self._embed(x))
         if self.global_pool == "token":
             # LayerNorm is row-wise: normalising only the class row equals normalising every row and then
-            # pooling, so the final norm runs on B rows, fused into the head GEMM. At most one of norm /
-            # fc_norm is a LayerNorm (timm places the final norm before or after pooling, never both).
+            # pooling, so the final norm runs on B rows, fused into the head GEMM, with those rows'
+            # statistics from the last block. At most one of norm / fc_norm is a LayerNorm (timm places
+            # the final norm before or after pooling, never both).
             final_norm = self.norm if isinstance(self.norm, nn.LayerNorm) else self.fc_norm
-            return self._head(x[:, 0], final_norm)
+            return self._head(x[:, 0], final_norm, x_stats=None if x_stats is None else x_stats[..., 0])
         return self.forward_head(self._norm(x, self.norm))
 
 

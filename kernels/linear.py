@@ -29,14 +29,18 @@ Design:
 - Plain pointer loads, no tensor descriptors (triton 3.6's descriptors do not run in the interpreter that
   tests this file); on sm_90 tl.dot still lowers to wgmma (HGMMA) for BLOCK_M >= 64 and num_warps a
   multiple of 4, on sm_80 to mma.sync (HMMA): see compile_configs().
-- LayerNorm statistics come from a separate row pass (_row_stats_kernel: x read once, 8 bytes written per
-  row), not from a pass over K inside the GEMM. Measured on an H200 (triton 3.6; ViT-B QKV, M = 50432,
-  K = 768, N = 2304, bf16): the row pass costs 36-52 us, while computing the statistics in the GEMM's own
-  prologue made it 23-50 % slower (648 -> 796 us at 128 x 256 tiles, 919 -> 1243 us at 128 x 128), since
-  every column block re-reads its rows of x with no MMA to hide the reads. DESIGN.md §2 admits a statistics
-  pass that pays for itself, so a block forward is 5 GEMM / attention launches plus 2 statistics passes.
-  Dropping them for free needs the residual GEMM that produces x to emit per-column-block (mean, M2)
-  partials in its epilogue (a cross-op change).
+- LayerNorm statistics are handed from GEMM to GEMM: a residual GEMM (STATS_OUT) stores, per row, the
+  mean and M2 (sum of squared deviations) of each STATS_GROUP = 64 columns of its output as stored, and
+  the next LayerNorm -> GEMM (STATS_IN) combines those partials in its prologue (Chan et al.'s pairwise
+  variance: no E[x^2] - E[x]^2 cancellation) and stores the row mean / rstd its backward needs. The
+  hand-off costs 8 bytes per row per 64 columns (96 B per ViT-B row next to 1.5-3 KB of output) and a
+  few reductions in the epilogue, so a block forward is exactly its 5 GEMM / attention launches. The
+  group width is fixed, not BLOCK_N, so the consumer knows the layout whatever tile the producer ran.
+  Where no producer hands statistics on (the stem's tokens, a standalone call) a separate row pass
+  (_row_stats_kernel: x read once, 8 bytes written per row) computes them. Not an in-GEMM pass over K:
+  measured on an H200 (triton 3.6; ViT-B QKV, M = 50432, K = 768, N = 2304, bf16), that made the GEMM
+  23-50 % slower (648 -> 796 us at 128 x 256 tiles, 919 -> 1243 us at 128 x 128) since every column
+  block re-reads its rows of x with no MMA to hide the reads, while the row pass costs 36-52 us.
 - Configs: one fixed config under the interpreter; on CUDA a measured pick among a few candidates per
   bucketed (M, N, K), dtype and flag set, cached per process, with a pre-tuned default for ViT-S/B/L
   shapes used while a CUDA graph is being captured or when FASTVIT_AUTOTUNE=0.
@@ -57,6 +61,10 @@ from .layer_norm import layer_norm_backward
 _SQRT_1_2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), the tanh approximation's constant
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi), the Gaussian density's constant
+# Row statistics handed from a GEMM to the next LayerNorm -> GEMM come in (mean, M2) pairs per this many
+# columns: a width independent of the producer's tile, so the consumer knows the layout. Every tile's
+# BLOCK_N is a multiple of it.
+STATS_GROUP = tl.constexpr(64)
 
 
 @triton.jit
@@ -105,6 +113,47 @@ def _layer_norm_tile(x, mean, rstd, cols, row_mask, col_mask, LnW, LnB, HAS_LN_W
 
 
 @triton.jit
+def _store_group_stats(Stats, y, rows, row_mask, first_col, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row statistics of an output tile y[rows, first_col : first_col + BLOCK_N] (fp32, as stored), one
+    (mean, M2) pair per STATS_GROUP columns, into Stats (2, cdiv(N, STATS_GROUP), M): plane 0 the means,
+    plane 1 the sums of squared deviations from them. Columns >= N are left out of both."""
+    GROUPS: tl.constexpr = BLOCK_N // STATS_GROUP
+    group_cols = tl.arange(0, GROUPS)[None, :, None] * STATS_GROUP + tl.arange(0, STATS_GROUP)[None, None, :]
+    valid = first_col + group_cols < N  # (1, GROUPS, STATS_GROUP)
+    y = tl.reshape(y, (BLOCK_M, GROUPS, STATS_GROUP))
+    count = tl.maximum(tl.sum(valid.to(tl.float32), axis=2), 1.0)
+    mean = tl.sum(tl.where(valid, y, 0.0), axis=2) / count
+    centered = tl.where(valid, y - mean[:, :, None], 0.0)
+    m2 = tl.sum(centered * centered, axis=2)
+    groups = (first_col // STATS_GROUP + tl.arange(0, GROUPS)).to(tl.int64)
+    offsets = groups[None, :] * M + rows[:, None]
+    mask = row_mask[:, None] & (groups * STATS_GROUP < N)[None, :]
+    tl.store(Stats + offsets, mean, mask=mask)
+    tl.store(Stats + tl.cdiv(N, STATS_GROUP).to(tl.int64) * M + offsets, m2, mask=mask)
+
+
+@triton.jit
+def _combine_group_stats(Stats, stride_s_kind, stride_s_group, stride_s_row, rows, row_mask, D, eps,
+                         BLOCK_M: tl.constexpr):
+    """LayerNorm's fp32 (mean, rstd) of rows of x (., D) from the per-group partials that the GEMM which
+    wrote x stored (_store_group_stats): the parallel-variance combination of Chan et al., which stays
+    exact-ish for rows whose mean is far larger than their spread (no E[x^2] - E[x]^2 cancellation)."""
+    stats_rows = Stats + rows * stride_s_row
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for group in range(0, tl.cdiv(D, STATS_GROUP)):
+        count = tl.minimum(D - group * STATS_GROUP, STATS_GROUP).to(tl.float32)
+        mean += count * tl.load(stats_rows + tl.cast(group, tl.int64) * stride_s_group, mask=row_mask, other=0.0)
+    mean = mean / D
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for group in range(0, tl.cdiv(D, STATS_GROUP)):
+        count = tl.minimum(D - group * STATS_GROUP, STATS_GROUP).to(tl.float32)
+        group_means = stats_rows + tl.cast(group, tl.int64) * stride_s_group
+        delta = tl.load(group_means, mask=row_mask, other=0.0) - mean
+        m2 += tl.load(group_means + stride_s_kind, mask=row_mask, other=0.0) + count * delta * delta
+    return mean, tl.rsqrt(m2 / D + eps)
+
+
+@triton.jit
 def _grad_prologue(dy, dy_rows, dy_cols, mask, col_mask, Z, stride_zm, Scale, Seed, n_fwd, dropout_p,
                    ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
                    NEED_DU: tl.constexpr):
@@ -135,6 +184,7 @@ def _linear_kernel(
     Preact,  # (M, N) output with C's strides: z before the activation (SAVE_PREACT), or None
     RowSum,  # (M,) fp32 output: sum over k of the prologue's dz (ROWSUM_DZ: db in the dW GEMM), or None
     RowSumU,  # (M,) fp32 output: sum over k of d * u (ROWSUM_DU: dls in the dW GEMM), or None
+    StatsOut,  # (2, cdiv(N, STATS_GROUP), M) fp32 output: C's per-group row statistics (STATS_OUT), or None
     A,  # (M, K) left operand: x, dy, or dy^T (TRANS_A); strides stride_am, stride_ak
     B,  # (K, N) right operand: W^T, W or x (all strided views); strides stride_bk, stride_bn
     Bias,  # (N,) or None
@@ -142,16 +192,20 @@ def _linear_kernel(
     Scale,  # layer scale (n_fwd,): over C's columns in the forward, dy's columns in GRAD_A; or None
     LnW,  # LayerNorm weight over the columns of the normalised operand (A if LN_A, B if LN_B), or None
     LnB,  # LayerNorm bias, same length, or None
-    Mean,  # fp32 row means of the normalised operand (x), or None
-    Rstd,  # fp32 row 1/std of x, or None
+    Mean,  # fp32 row means of the normalised operand (x): an input, or an output with STATS_IN; or None
+    Rstd,  # fp32 row 1/std of x, likewise; or None
+    StatsIn,  # (2, cdiv(K, STATS_GROUP), M) per-group statistics of x (STATS_IN), any strides; or None
     Seed,  # (1,) int64 dropout seed, or None
     Z,  # saved pre-activation (dy's shape), row stride stride_zm, for GRAD_A; or None
     stride_cm, stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_zm,
+    stride_s_kind, stride_s_group, stride_s_row,  # StatsIn's
     M, N, K,
     n_fwd,  # columns of the forward output y (dropout counters are m * n_fwd + n)
     dropout_p,
+    eps,  # LayerNorm's, for STATS_IN
     LN_A: tl.constexpr,  # A is x: LayerNorm it in the prologue (forward)
     LN_B: tl.constexpr,  # B is x: LayerNorm it in the prologue (weight gradient)
+    STATS_IN: tl.constexpr,  # LN_A's mean / rstd come from StatsIn (and are stored to Mean / Rstd)
     HAS_LN_W: tl.constexpr,
     HAS_LN_B: tl.constexpr,
     GRAD_A: tl.constexpr,  # A is dy: turn it into dz in the prologue (both gradient GEMMs)
@@ -164,6 +218,7 @@ def _linear_kernel(
     DROPOUT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
+    STATS_OUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operands are cast to this right before tl.dot
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -190,7 +245,12 @@ def _linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_sum_u = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if LN_A:  # A's rows are x's rows: their statistics are loop-invariant
+    if LN_A and STATS_IN:  # A's rows are x's rows: their statistics are loop-invariant
+        mean_a, rstd_a = _combine_group_stats(StatsIn, stride_s_kind, stride_s_group, stride_s_row, rows,
+                                              row_mask, K, eps, BLOCK_M)
+        tl.store(Mean + rows, mean_a, mask=row_mask & (pid_n == 0))  # saved for the backward
+        tl.store(Rstd + rows, rstd_a, mask=row_mask & (pid_n == 0))
+    elif LN_A:
         mean_a = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd_a = tl.load(Rstd + rows, mask=row_mask, other=0.0)
     for k_start in range(0, K, BLOCK_K):
@@ -243,7 +303,10 @@ def _linear_kernel(
     if HAS_RESIDUAL:
         residual = tl.load(Residual + rows[:, None] * stride_rm + cols[None, :], mask=c_mask, other=0.0)
         acc += residual.to(tl.float32)
-    tl.store(C + c_offsets, acc.to(C.dtype.element_ty), mask=c_mask)
+    out = acc.to(C.dtype.element_ty)
+    tl.store(C + c_offsets, out, mask=c_mask)
+    if STATS_OUT:  # of the values as stored, which the next LayerNorm reads
+        _store_group_stats(StatsOut, out.to(tl.float32), rows, row_mask, pid_n * BLOCK_N, M, N, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -346,26 +409,31 @@ def _pick_tile(key, M, N, dot_dtype, launch) -> dict:
 
 
 def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, preact=None,
-          row_sum=None, row_sum_u=None, bias=None, residual=None, scale=None, ln_weight=None, ln_bias=None,
-          mean=None, rstd=None, seed=None, z=None, ln_a=False, ln_b=False, grad_a=False, trans_a=False,
-          activation="none"):
+          row_sum=None, row_sum_u=None, stats_out=None, bias=None, residual=None, scale=None, ln_weight=None,
+          ln_bias=None, mean=None, rstd=None, stats_in=None, eps=0.0, seed=None, z=None, ln_a=False, ln_b=False,
+          grad_a=False, trans_a=False, activation="none"):
     """out (M, N) = epilogue(prologue(A) @ prologue(B)) with A (M, K), B (K, N) given by their strides.
 
-    out, preact: contiguous (M, N); residual, z: unit column stride. Flags follow the pointers given."""
+    out, preact: contiguous (M, N); residual, z: unit column stride; stats_out: contiguous
+    (2, cdiv(N, STATS_GROUP), M); stats_in: (2, cdiv(K, STATS_GROUP), M), any strides, with mean and rstd
+    then written. Flags follow the pointers given."""
     flags = dict(
-        LN_A=ln_a, LN_B=ln_b, HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None, GRAD_A=grad_a,
-        TRANS_A=trans_a, ROWSUM_DZ=row_sum is not None, ROWSUM_DU=row_sum_u is not None,
-        HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0,
-        HAS_RESIDUAL=residual is not None, SAVE_PREACT=preact is not None,
+        LN_A=ln_a, LN_B=ln_b, STATS_IN=stats_in is not None, HAS_LN_W=ln_weight is not None,
+        HAS_LN_B=ln_bias is not None, GRAD_A=grad_a, TRANS_A=trans_a, ROWSUM_DZ=row_sum is not None,
+        ROWSUM_DU=row_sum_u is not None, HAS_BIAS=bias is not None, ACTIVATION=activation,
+        HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0, HAS_RESIDUAL=residual is not None,
+        SAVE_PREACT=preact is not None, STATS_OUT=stats_out is not None,
         DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision(dot_dtype),
     )
 
     def launch(tile):
         grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]),)
         _linear_kernel[grid](
-            out, preact, row_sum, row_sum_u, a, b, bias, residual, scale, ln_weight, ln_bias, mean, rstd, seed, z,
-            out.stride(0), *a_strides, *b_strides, residual.stride(0) if residual is not None else 0,
-            z.stride(0) if z is not None else 0, M, N, K, n_fwd, dropout_p, **flags, **tile,
+            out, preact, row_sum, row_sum_u, stats_out, a, b, bias, residual, scale, ln_weight, ln_bias, mean, rstd,
+            stats_in, seed, z, out.stride(0), *a_strides, *b_strides,
+            residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
+            *(stats_in.stride() if stats_in is not None else (0, 0, 0)), M, N, K, n_fwd, dropout_p, eps,
+            **flags, **tile,
         )  # fmt: skip
 
     if M == 0 or N == 0:
@@ -399,28 +467,41 @@ def _row_stats(x, eps):
 # --------------------------------------------------------------------------------------------- launchers
 
 
+def stats_groups(n_cols: int) -> int:
+    """How many (mean, M2) groups describe a row of n_cols columns: the middle dim of a stats tensor."""
+    return triton.cdiv(n_cols, STATS_GROUP.value)
+
+
 def linear_forward(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, *, activation="none",
-                   dropout_p=0.0, eps=1e-6, has_ln=False, save_preact=False, out_dtype=None):
+                   dropout_p=0.0, eps=1e-6, has_ln=False, save_preact=False, out_dtype=None, x_stats=None,
+                   emit_stats=False):
     """y = residual + ls * dropout_p(act(LN?(x) W^T + b)), each piece optional.
 
     x: (M, K), unit column stride (any dtype when has_ln: LayerNorm reads it and computes in fp32;
     else weight's dtype); weight: (N, K) any strides, its dtype is the compute dtype; bias, layer_scale:
     (N,); residual: (M, N), unit column stride; ln_weight, ln_bias: (K,) or None; seed: (1,) int64 on
-    x's device when dropout_p > 0. Returns y (M, N) contiguous in out_dtype (default weight's dtype),
-    preact z (M, N) in weight's dtype when save_preact (else None), and fp32 mean, rstd (M,) when has_ln
-    (else None).
+    x's device when dropout_p > 0; x_stats: None, or with has_ln the (2, stats_groups(K), M) fp32
+    statistics that the GEMM which wrote x emitted (any strides), replacing the statistics pass.
+    Returns y (M, N) contiguous in out_dtype (default weight's dtype), preact z (M, N) in weight's dtype
+    when save_preact (else None), fp32 mean, rstd (M,) when has_ln (else None), and y's statistics
+    (2, stats_groups(N), M) fp32 when emit_stats (else None).
     """
     M, K = x.shape
     N = weight.shape[0]
     y = new_output((M, N), out_dtype or weight.dtype, x.device)
     preact = new_output((M, N), weight.dtype, x.device) if save_preact else None
-    mean, rstd = _row_stats(x, eps) if has_ln else (None, None)
+    stats = new_output((2, stats_groups(N), M), torch.float32, x.device) if emit_stats else None
+    if has_ln and x_stats is not None:  # the GEMM combines x_stats and stores mean, rstd
+        mean, rstd = (new_output((M,), torch.float32, x.device) for _ in range(2))
+    else:
+        mean, rstd = _row_stats(x, eps) if has_ln else (None, None)
     _gemm(
         y, x, weight, x.stride(), (weight.stride(1), weight.stride(0)), M, N, K, dot_dtype=weight.dtype,
-        n_fwd=N, dropout_p=dropout_p, preact=preact, bias=bias, residual=residual, scale=layer_scale,
-        ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd, seed=seed, ln_a=has_ln, activation=activation,
+        n_fwd=N, dropout_p=dropout_p, preact=preact, stats_out=stats, bias=bias, residual=residual,
+        scale=layer_scale, ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd,
+        stats_in=x_stats if has_ln else None, eps=eps, seed=seed, ln_a=has_ln, activation=activation,
     )  # fmt: skip
-    return y, preact, mean, rstd
+    return y, preact, mean, rstd, stats
 
 
 def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, *,
@@ -473,18 +554,22 @@ def compile_configs():
     constexpr 1 and row strides, N and K carry the multiple-of-16 hint, as the JIT specialises them at
     ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
     matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
-    pointers = ("C", "Preact", "RowSum", "RowSumU", "A", "B", "Bias", "Residual", "Scale", "LnW", "LnB", "Mean",
-                "Rstd", "Seed", "Z")
+    pointers = ("C", "Preact", "RowSum", "RowSumU", "StatsOut", "A", "B", "Bias", "Residual", "Scale", "LnW", "LnB",
+                "Mean", "Rstd", "StatsIn", "Seed", "Z")
     uses = {  # label -> (pointers used, flags): the fused ops of one block, the head and their gradients
         "LN->qkv+bias": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd"},
                          dict(LN_A=True, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True)),
-        "proj/fc2+bias+residual": ({"A", "B", "Bias", "Residual"}, dict(HAS_BIAS=True, HAS_RESIDUAL=True)),
-        "LN->fc1+bias+gelu": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd", "Preact"},
-                              dict(LN_A=True, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True, ACTIVATION="gelu",
-                                   SAVE_PREACT=True)),
-        "fc2+bias+dropout+ls+residual": ({"A", "B", "Bias", "Residual", "Scale", "Seed", "Preact"},
+        "proj/fc2+bias+residual": ({"A", "B", "Bias", "Residual", "StatsOut"},
+                                   dict(HAS_BIAS=True, HAS_RESIDUAL=True, STATS_OUT=True)),
+        "LN(handed-on stats)->qkv+bias": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd", "StatsIn"},
+                                          dict(LN_A=True, STATS_IN=True, HAS_LN_W=True, HAS_LN_B=True,
+                                               HAS_BIAS=True)),
+        "LN(handed-on stats)->fc1+bias+gelu": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd", "StatsIn", "Preact"},
+                                               dict(LN_A=True, STATS_IN=True, HAS_LN_W=True, HAS_LN_B=True,
+                                                    HAS_BIAS=True, ACTIVATION="gelu", SAVE_PREACT=True)),
+        "fc2+bias+dropout+ls+residual": ({"A", "B", "Bias", "Residual", "Scale", "Seed", "Preact", "StatsOut"},
                                          dict(HAS_BIAS=True, DROPOUT=True, HAS_SCALE=True, HAS_RESIDUAL=True,
-                                              SAVE_PREACT=True)),
+                                              SAVE_PREACT=True, STATS_OUT=True)),
         "dx plain": ({"A", "B"}, dict(GRAD_A=True)),
         "dx through gelu": ({"A", "B", "Z"}, dict(GRAD_A=True, ACTIVATION="gelu")),
         "dW+db": ({"A", "B", "RowSum"}, dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True)),
@@ -492,7 +577,7 @@ def compile_configs():
                                       dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, ACTIVATION="gelu", LN_B=True,
                                            HAS_LN_W=True, HAS_LN_B=True)),
     }
-    off = dict(LN_A=False, LN_B=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False, TRANS_A=False,
+    off = dict(LN_A=False, LN_B=False, STATS_IN=False, STATS_OUT=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False, TRANS_A=False,
                ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False, DROPOUT=False,
                HAS_RESIDUAL=False, SAVE_PREACT=False)
     configs = []
@@ -512,7 +597,8 @@ def compile_configs():
             # under autocast the residual stream (x of LN->GEMM, the residual, the output) stays fp32
             stream = "fp32" if flags.get("LN_A") or flags.get("HAS_RESIDUAL") else dtype
             types = {name: f"*{dtype}" for name in used}
-            types.update({name: "*fp32" for name in ("RowSum", "RowSumU", "Mean", "Rstd") if name in used})
+            types.update({name: "*fp32" for name in ("RowSum", "RowSumU", "Mean", "Rstd", "StatsOut", "StatsIn")
+                          if name in used})
             types.update({"Seed": "*i64"} if "Seed" in used else {})
             types.update({"A": f"*{stream}" if flags.get("LN_A") else f"*{dtype}",
                           "Residual": "*fp32", "C": "*fp32" if flags.get("HAS_RESIDUAL") else f"*{dtype}"})
@@ -520,7 +606,8 @@ def compile_configs():
             # row strides, N and K are multiples of 16 at ViT widths (the JIT specialises on that); M is not
             ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                                 "stride_rm", "stride_zm", "N", "K", "n_fwd")}
-            ints.update(M="i32", dropout_p="fp32")
+            ints.update(M="i32", dropout_p="fp32", eps="fp32", stride_s_kind="i32", stride_s_group="i32",
+                        stride_s_row="i32")
             # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows
             # when B is W^T (forward), else B's columns
             units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")

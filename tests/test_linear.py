@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE, DTYPES, assert_close, assert_error_within, tolerance
 
+from fastvit import count_launches
 from fastvit.backend import use_backend
 from fastvit.ops.linear import _linear_bwd, _linear_fwd, layer_norm_linear, linear
 
@@ -136,9 +137,9 @@ def test_layer_norm_prologue_large_mean(dtype):
     if dtype == torch.float32:
         inputs = make_inputs(17, 200, 48, spec, dtype)
         x = inputs["x"]
-        args = (x, inputs["weight"], inputs["bias"], None, None, inputs["ln_weight"], inputs["ln_bias"], None,
-                "none", 0.0, 1e-6, True, False, dtype)  # fmt: skip
-        _, _, mean, rstd = _linear_fwd(*args)
+        args = (x, inputs["weight"], inputs["bias"], None, None, inputs["ln_weight"], inputs["ln_bias"], None, None,
+                "none", 0.0, 1e-6, True, False, False, dtype)  # fmt: skip
+        _, _, mean, rstd, _ = _linear_fwd(*args)
         x64 = x.double()
         assert_close(mean, x64.mean(-1).float(), atol=0.0, rtol=1e-6, name="saved mean")
         assert_close(rstd, (x64.var(-1, unbiased=False) + 1e-6).rsqrt().float(), atol=0.0, rtol=1e-4, name="rstd")
@@ -154,6 +155,103 @@ def test_fc2_vit_base_shape_forward():
         eager = call(inputs, spec)
     ref = reference({k: v.double() for k, v in inputs.items()}, spec)
     assert_error_within(ours, eager, ref, atol=tolerance(torch.bfloat16)[0], name="fc2 y")
+
+
+def group_stats_reference(y):
+    """fp64 (mean, M2) of every 64-column group of y's rows: what the epilogue's statistics hold."""
+    y = y.double().reshape(-1, y.shape[-1])
+    means, m2s = [], []
+    for group in y.split(64, dim=1):
+        means.append(group.mean(1))
+        m2s.append(((group - group.mean(1, keepdim=True)) ** 2).sum(1))
+    return torch.stack([torch.stack(means), torch.stack(m2s)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M, K, N, spec", [
+    (17, 100, 200, dict(bias=True, residual=True)),  # groups 64 + 64 + 64 + 8 over two column tiles
+    (397, 64, 48, dict(bias=True, residual=True, layer_scale=True)),  # one ragged group, four row tiles
+    (5, 64, 256, dict(activation="gelu")),  # no residual: any output can hand its statistics on
+])  # fmt: skip
+def test_emitted_statistics_are_those_of_the_stored_output(M, K, N, spec, dtype):
+    """linear(..., return_stats=True): per 64-column group, the mean and M2 of y as stored (its dtype's
+    values), to fp32 rounding, with residual streams of large mean (the LayerNorm-relevant case)."""
+    inputs = make_inputs(M, K, N, spec, dtype)
+    if "residual" in inputs:
+        inputs["residual"] = inputs["residual"] * 3 + 100
+    with use_backend("triton"):
+        y, stats = linear(inputs["x"], inputs["weight"], inputs.get("bias"), spec.get("activation"),
+                          inputs.get("residual"), inputs.get("layer_scale"), return_stats=True)  # fmt: skip
+    assert stats.shape == (2, -(-N // 64), M) and stats.dtype == torch.float32
+    expected = group_stats_reference(y).reshape(stats.shape)
+    assert_close(stats[0], expected[0].float(), atol=1e-5, rtol=1e-6, name="group means")
+    assert_close(stats[1], expected[1].float(), atol=1e-4, rtol=1e-4, name="group M2")
+    with use_backend("torch"):
+        assert linear(inputs["x"], inputs["weight"], return_stats=True)[1] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("ln_mean", [3.0, 1000.0])
+def test_layer_norm_linear_from_emitted_statistics(dtype, ln_mean):
+    """The block's hand-off: proj + residual emits statistics, LN2 -> fc1 -> GELU consumes them instead of a
+    statistics pass. The output and every gradient (through both ops, to x, the residual and every
+    weight) hold the flash rule against fp64, at ordinary and at large row means, and the mean / rstd the
+    consumer saves for its backward are exact."""
+    M, K, N, H = 23, 100, 200, 48
+    proj = make_inputs(M, K, N, dict(bias=True, residual=True), dtype)
+    proj["residual"] = proj["residual"] + ln_mean
+    fc1 = {k: v for k, v in make_inputs(M, N, H, dict(ln=True, bias=True), dtype).items() if k != "x"}
+    inputs = {**proj, **{f"fc1_{k}": v for k, v in fc1.items()}}
+
+    def chain(t):
+        y, stats = linear(t["x"], t["weight"], t["bias"], residual=t["residual"], return_stats=True)
+        return layer_norm_linear(y, t["fc1_ln_weight"], t["fc1_ln_bias"], t["fc1_weight"], t["fc1_bias"],
+                                 activation="gelu", x_stats=stats)  # fmt: skip
+
+    def chain_reference(t):
+        y = reference(t, dict(bias=True, residual=True))
+        fc1_inputs = {"x": y, **{k[4:]: v for k, v in t.items() if k.startswith("fc1_")}}
+        return reference(fc1_inputs, dict(ln=True, bias=True, activation="gelu"))
+
+    grad_out = torch.randn(M, H, dtype=torch.float64, device=DEVICE)
+    with use_backend("triton"):
+        ours, our_grads = forward_backward(chain, inputs, grad_out)
+        with torch.no_grad(), count_launches() as launches:
+            chain(inputs)
+    assert "_row_stats_kernel" not in launches.by_kernel and launches.total == 2, launches.by_kernel
+    with use_backend("torch"):
+        eager, eager_grads = forward_backward(chain, inputs, grad_out)
+    ref, ref_grads = forward_backward(chain_reference, {k: v.double() for k, v in inputs.items()}, grad_out)
+    for name, actual, expected, base in [("y", ours, ref, eager)] + [
+        (f"d{k}", our_grads[k], ref_grads[k], eager_grads[k]) for k in inputs
+    ]:
+        atol = tolerance(dtype)[0] * max(1.0, expected.abs().max().item())
+        assert_error_within(actual, base, expected, atol=atol, name=f"{name} mean={ln_mean} {dtype}")
+
+    if dtype == torch.float32:  # the consumer's saved statistics, straight from the custom op
+        with use_backend("triton"):
+            y, stats = linear(inputs["x"], inputs["weight"], inputs["bias"], residual=inputs["residual"],
+                              return_stats=True)  # fmt: skip
+        args = (y, fc1["weight"], fc1["bias"], None, None, fc1["ln_weight"], fc1["ln_bias"], None, stats, "gelu",
+                0.0, 1e-6, True, False, False, dtype)  # fmt: skip
+        _, _, mean, rstd, _ = _linear_fwd(*args)
+        y64 = y.double()
+        assert_close(mean, y64.mean(-1).float(), atol=1e-6, rtol=1e-6, name="saved mean")
+        assert_close(rstd, (y64.var(-1, unbiased=False) + 1e-6).rsqrt().float(), atol=0.0, rtol=1e-4, name="rstd")
+
+
+def test_statistics_follow_row_selections():
+    """The head's case: statistics of (B, T, D) tokens, indexed like them ([..., 0] for the class rows, a
+    strided view), feed a LayerNorm -> GEMM over x[:, 0]."""
+    B, T, K, N = 3, 5, 192, 10
+    x, w = torch.randn(B, T, K, device=DEVICE), torch.randn(K, K, device=DEVICE) / K**0.5
+    head_w, lw, lb = torch.randn(N, K, device=DEVICE), torch.rand(K, device=DEVICE) + 0.5, torch.randn(K, device=DEVICE)
+    with use_backend("triton"):
+        tokens, stats = linear(x, w, residual=x + 5, return_stats=True)
+        assert stats.shape == (2, 3, B, T)
+        ours = layer_norm_linear(tokens[:, 0], lw, lb, head_w, x_stats=stats[..., 0])
+    expected = F.linear(F.layer_norm(tokens[:, 0].double(), (K,), lw.double(), lb.double(), 1e-6), head_w.double())
+    assert_close(ours, expected.float(), atol=1e-4, rtol=1e-4, name="head logits")
 
 
 def run_with_dropout(M, K, N, spec, p, dropped):
@@ -301,6 +399,9 @@ def _bad_calls():
         "mixed devices": (ValueError, "bias on meta", lambda: linear(x, w, b.to("meta"))),
         "not a tensor": (TypeError, "weight", lambda: linear(x, w.tolist())),
         "integer x": (TypeError, "x", lambda: linear(x.long(), w)),
+        "x_stats shape": (ValueError, "x_stats", lambda: layer_norm_linear(x, lw, None, w, x_stats=torch.randn(2, 1, 5))),
+        "x_stats dtype": (TypeError, "x_stats", lambda: layer_norm_linear(x, lw, None, w, x_stats=torch.randn(2, 1, 2, 5).half())),
+        "x_stats device": (ValueError, "x_stats on meta", lambda: layer_norm_linear(x, lw, None, w, x_stats=torch.randn(2, 1, 2, 5, device="meta"))),
     }
 
 
@@ -317,11 +418,12 @@ def test_custom_ops_pass_opcheck():
     x, ln_w, ln_b = (torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((2, M, K), (K,), (K,)))
     w, b, ls = (torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((N, K), (N,), (N,)))
     residual = torch.randn(2, M, N, device=DEVICE, requires_grad=True)
+    x_stats = linear(x.detach(), torch.eye(K, device=DEVICE), residual=x.detach() + 1, return_stats=True)[1]
     for ln in (False, True):
         args = (x, w, b, None if ln else residual, None if ln else ls, ln_w if ln else None, ln_b if ln else None,
-                seed, "gelu", 0.2, 1e-6, ln, True, torch.float32)  # fmt: skip
+                seed, x_stats if ln else None, "gelu", 0.2, 1e-6, ln, True, not ln, torch.float32)  # fmt: skip
         torch.library.opcheck(_linear_fwd, args)
-        _, preact, mean, rstd = _linear_fwd(*(a.detach() if torch.is_tensor(a) else a for a in args))
+        _, preact, mean, rstd, _ = _linear_fwd(*(a.detach() if torch.is_tensor(a) else a for a in args))
         bwd_args = (torch.randn(2, M, N, device=DEVICE), x.detach(), w.detach(), preact,
                     None if ln else ls.detach(), ln_w.detach() if ln else None, ln_b.detach() if ln else None,
                     mean, rstd, seed, "gelu", 0.2, ln, [True, True, True, not ln, ln, ln])  # fmt: skip

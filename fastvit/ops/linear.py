@@ -13,6 +13,12 @@ Where the model uses them: LN1 -> QKV + bias, and LN2 -> fc1 + bias -> GELU, are
 and fc2 (+ bias + residual, optionally layer scale and dropout) are linear; the head is
 layer_norm_linear (or linear after pooling).
 
+LayerNorm statistics hand-off: linear(..., return_stats=True) also returns its output's row statistics
+(fp32 (mean, M2) per 64 columns, shape (2, ceil(N / 64), *leading dims), taken in the epilogue), and
+layer_norm_linear(x, ..., x_stats=those) combines them instead of launching a statistics pass over x. The
+model chains its blocks this way (5 launches per block). The statistics are a cache of a function of x:
+they carry no gradient, and the LayerNorm backward is the full one whichever way they were obtained.
+
 Dropout: applied whenever dropout_p > 0 (callers pass 0 in eval). The Triton path draws its keep-mask
 from a counter-based generator (tl.rand) seeded by one int64 drawn from torch's generator per call, so
 torch.manual_seed makes it reproducible and the backward regenerates the mask instead of storing it; the
@@ -59,32 +65,38 @@ def _no_tensor(like: torch.Tensor) -> torch.Tensor:
 def _linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
     layer_scale: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor], activation: str, dropout_p: float, eps: float, has_ln: bool,
-    save_preact: bool, out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed: Optional[torch.Tensor], x_stats: Optional[torch.Tensor], activation: str, dropout_p: float, eps: float,
+    has_ln: bool, save_preact: bool, emit_stats: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastvit.kernels.linear import linear_forward
 
     N = weight.shape[0]
-    y, preact, mean, rstd = linear_forward(
+    y, preact, mean, rstd, stats = linear_forward(
         rows_view(x), weight, bias, None if residual is None else rows_view(residual), layer_scale,
         ln_weight, ln_bias, seed, activation=activation, dropout_p=dropout_p, eps=eps, has_ln=has_ln,
-        save_preact=save_preact, out_dtype=out_dtype,
+        save_preact=save_preact, out_dtype=out_dtype, emit_stats=emit_stats,
+        x_stats=None if x_stats is None else x_stats.reshape(2, x_stats.shape[1], -1),
     )
     out_shape = (*x.shape[:-1], N)
     preact = _no_tensor(x) if preact is None else preact.view(out_shape)
     if mean is None:
         mean, rstd = _no_tensor(x), _no_tensor(x)
-    return y.view(out_shape), preact, mean, rstd
+    stats = _no_tensor(x) if stats is None else stats.view(*stats.shape[:2], *x.shape[:-1])
+    return y.view(out_shape), preact, mean, rstd, stats
 
 
 @_linear_fwd.register_fake
-def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, activation, dropout_p, eps, has_ln,
-      save_preact, out_dtype):
+def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats, activation, dropout_p, eps, has_ln,
+      save_preact, emit_stats, out_dtype):
+    from fastvit.kernels.linear import stats_groups
+
     out_shape = (*x.shape[:-1], weight.shape[0])
     rows = x.numel() // x.shape[-1]
     preact = x.new_empty(out_shape, dtype=weight.dtype) if save_preact else x.new_empty((0,))
-    stats = x.new_empty((rows if has_ln else 0,), dtype=torch.float32 if has_ln else x.dtype)
-    return x.new_empty(out_shape, dtype=out_dtype), preact, stats, stats.clone()
+    row_stats = x.new_empty((rows if has_ln else 0,), dtype=torch.float32 if has_ln else x.dtype)
+    stats = x.new_empty((2, stats_groups(weight.shape[0]), *x.shape[:-1]) if emit_stats else (0,),
+                        dtype=torch.float32 if emit_stats else x.dtype)
+    return x.new_empty(out_shape, dtype=out_dtype), preact, row_stats, row_stats.clone(), stats
 
 
 @torch.library.custom_op("fastvit::linear_bwd", mutates_args=())
@@ -117,16 +129,16 @@ def _(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, activation, dropout_p, _, has_ln, _, _ = inputs
-    _, preact, mean, rstd = output
+    x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, _, activation, dropout_p, _, has_ln = inputs[:13]
+    _, preact, mean, rstd, stats = output
     ctx.save_for_backward(x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed)
     ctx.activation, ctx.dropout_p, ctx.has_ln = activation, dropout_p, has_ln
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.present = [t is not None for t in (bias, residual, layer_scale, ln_weight, ln_bias)]
-    ctx.mark_non_differentiable(preact, mean, rstd)
+    ctx.mark_non_differentiable(preact, mean, rstd, stats)
 
 
-def _backward(ctx, dy, _dpreact, _dmean, _drstd):
+def _backward(ctx, dy, _dpreact, _dmean, _drstd, _dstats):
     x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
     has_bias, has_residual, has_scale, has_ln_weight, has_ln_bias = ctx.present
     need = ctx.needs_input_grad
@@ -139,7 +151,7 @@ def _backward(ctx, dy, _dpreact, _dmean, _drstd):
         grads = [g if n else None for g, n in zip(grads, needs)]
     dx, dweight, dbias, dscale, dln_weight, dln_bias = grads
     dresidual = dy.to(ctx.residual_dtype) if need[3] and has_residual else None
-    return dx, dweight, dbias, dresidual, dscale, dln_weight, dln_bias, None, None, None, None, None, None, None
+    return dx, dweight, dbias, dresidual, dscale, dln_weight, dln_bias, *[None] * 9
 
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -195,8 +207,20 @@ def _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, l
     return y
 
 
-def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln):
+def _check_x_stats(x_stats, x):
+    """x_stats must be what linear(..., return_stats=True) returned alongside x: (2, groups, *x's leading dims)
+    fp32 on x's device."""
+    from fastvit.kernels.linear import stats_groups
+
+    check_tensor("x_stats", x_stats, dtypes=(torch.float32,))
+    check_shape("x_stats", x_stats, (2, stats_groups(x.shape[-1]), *x.shape[:-1]))
+    check_same_device(x=x, x_stats=x_stats)
+
+
+def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, x_stats=None, return_stats=False):
     cast_to = _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, ln=ln)
+    if x_stats is not None:
+        _check_x_stats(x_stats, x)
     compute = cast_to or weight.dtype
     weight, bias, layer_scale = (t.to(compute) if t is not None else None for t in (weight, bias, layer_scale))
     if ln is None:
@@ -206,7 +230,8 @@ def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln):
     dropout_p = float(dropout_p)
     if not use_triton(x.device):
         with torch.autocast(x.device.type, enabled=False):
-            return _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, cast_to is not None)
+            y = _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, cast_to is not None)
+        return (y, None) if return_stats else y
 
     out_dtype = compute if residual is None else torch.promote_types(compute, residual.dtype)
     seed = torch.randint(0, 2**62, (1,), device=x.device) if dropout_p > 0 else None
@@ -215,32 +240,41 @@ def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln):
     save_preact = save_preact and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, layer_scale, ln_weight, ln_bias)
     )
-    return _linear_fwd(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, activation or "none",
-                       dropout_p, float(eps), ln is not None, save_preact, out_dtype)[0]
+    y, _, _, _, stats = _linear_fwd(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats,
+                                    activation or "none", dropout_p, float(eps), ln is not None, save_preact,
+                                    return_stats, out_dtype)  # fmt: skip
+    return (y, stats) if return_stats else y
 
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
     residual: Optional[torch.Tensor] = None, layer_scale: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-) -> torch.Tensor:
+    return_stats: bool = False,
+):
     """residual + layer_scale * dropout(act(x W^T + b)), each piece optional.
 
     x (..., K); weight (N, K); bias, layer_scale (N,); residual (..., N); activation None, "gelu" (exact
-    erf) or "gelu_tanh"; dropout_p in [0, 1), applied when > 0. Returns (..., N): in x's dtype, or under
+    erf) or "gelu_tanh"; dropout_p in [0, 1), applied when > 0. Returns y (..., N): in x's dtype, or under
     autocast promote_types(autocast dtype, residual dtype) (see the module docstring).
+
+    return_stats=True returns (y, y_stats): LayerNorm row statistics of y taken in the epilogue, for a
+    following layer_norm_linear(y, ..., x_stats=y_stats) to skip its statistics pass (None when the torch
+    backend ran). Treat y_stats as opaque and pair it only with this y.
     """
-    return _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, None)
+    return _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, None, return_stats=return_stats)
 
 
 def layer_norm_linear(
     x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None, eps: float = 1e-6, activation: Optional[str] = None,
-    dropout_p: float = 0.0,
+    dropout_p: float = 0.0, x_stats: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """dropout(act(LayerNorm(x) W^T + b)) with LayerNorm over the last dim, fused into the GEMM's prologue.
 
     x (..., K); ln_weight, ln_bias (K,) or None; weight (N, K); bias (N,); activation as for linear;
-    dropout_p (timm's MLP drop after GELU) in [0, 1). Returns (..., N) in the compute dtype (x's dtype,
-    or the autocast dtype).
+    dropout_p (timm's MLP drop after GELU) in [0, 1); x_stats: None, or the statistics that
+    linear(..., return_stats=True) returned with this very x (they must describe it: only their shape
+    can be checked), which saves the per-row statistics pass. Returns (..., N) in the compute dtype (x's
+    dtype, or the autocast dtype).
     """
-    return _fused(x, weight, bias, activation, None, None, dropout_p, (ln_weight, ln_bias, eps))
+    return _fused(x, weight, bias, activation, None, None, dropout_p, (ln_weight, ln_bias, eps), x_stats=x_stats)
