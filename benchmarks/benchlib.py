@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+from fastvit.launches import distinct_tensor_bytes
+
 HAS_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 NO_GPU_REASON = "no CUDA GPU (or TRITON_INTERPRET=1): GPU timings skipped; interpreter time is not performance"
 COUNTS = []  # launch / byte count rows, written to the results JSON at the end of the session
@@ -120,26 +122,6 @@ def assert_close_rel(actual, expected, rel, name="output"):
 # --------------------------------------------------------------------------- launch / byte counting
 
 
-def _tensor_bytes(t):
-    """Bytes a kernel must move for tensor t: its logical extent, or its storage if smaller (broadcasts)."""
-    logical = t.numel() * t.element_size()
-    try:
-        return min(logical, t.untyped_storage().nbytes())
-    except (RuntimeError, NotImplementedError):
-        return logical
-
-
-def _distinct_tensor_bytes(values):
-    seen, total = set(), 0
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            key = (v.data_ptr() if v.device.type != "meta" else id(v), tuple(v.shape), tuple(v.stride()))
-            if key not in seen:
-                seen.add(key)
-                total += _tensor_bytes(v)
-    return total
-
-
 @dataclasses.dataclass
 class Count:
     by_kernel: dict
@@ -152,31 +134,16 @@ class Count:
 
 @contextlib.contextmanager
 def count_triton():
-    """Count every Triton kernel launch in the block (fastvit.launches.count_launches) and the bytes of
-    its tensor arguments (each tensor moved once: the compulsory-traffic model). Interpreter only, and a
-    dry run: the interpreted programs are skipped, so full-size shapes cost nothing (the outputs are then
-    garbage, which counting does not read)."""
-    from triton.runtime.interpreter import InterpretedFunction
+    """Count every Triton kernel launch in the block and the bytes of its tensor arguments (each tensor
+    moved once: the compulsory-traffic model), as a dry run: fastvit.launches.count_launches(dry_run=True)
+    skips the interpreted programs, so full-size shapes cost nothing. Interpreter only."""
+    from fastvit.kernels._helpers import is_interpreter
+    from fastvit.launches import count_launches
 
-    try:
-        from fastvit.launches import count_launches
-    except ImportError as error:
-        pytest.skip(f"fastvit.launches not available: {error}")
-    original = InterpretedFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        if warmup:
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-        count.bytes += _distinct_tensor_bytes(list(args) + list(kwargs.values()))
-        return None
-
-    InterpretedFunction.run = run
-    try:
-        with count_launches() as launches:  # wraps run() above, so it sees every launch first
-            count = Count(launches.by_kernel, 0)
-            yield count
-    finally:
-        InterpretedFunction.run = original
+    if not is_interpreter():
+        pytest.skip("counting launches without running them needs the Triton interpreter (CPU runs)")
+    with count_launches(dry_run=True) as count:
+        yield count
 
 
 # aten ops that allocate or alias but launch no kernel
@@ -197,7 +164,7 @@ def count_eager():
 
     def record(name, tensors):
         count.by_kernel[name] = count.by_kernel.get(name, 0) + 1
-        count.bytes += _distinct_tensor_bytes(tensors)
+        count.bytes += distinct_tensor_bytes(tensors)
 
     class FusedSDPA(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
