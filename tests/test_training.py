@@ -1,71 +1,167 @@
-"""Training converges: a tiny fastvit trained on scikit-learn's 8x8 digits follows the eager reference's
-loss curve from the same initialisation and reaches >= 90 % test accuracy, evaluated on the Triton path.
+"""Training converges: a tiny fastvit trained on scikit-learn's 8x8 digits through the Triton kernels
+follows the eager reference's loss curve from the same initialisation and reaches >= 90 % test accuracy,
+evaluated on the Triton path.
 
-On a GPU every step runs the Triton kernels. Through the CPU interpreter a training step costs ~15 s on
-2 cores, so there the first TRITON_STEPS steps (forward, every backward kernel, optimizer updates) run
-the Triton kernels and are held tightly to the reference; the remaining steps use the torch backend, and
-the final accuracy is measured with the Triton kernels again.
+Every step of the fastvit run launches the Triton kernels (backend "triton"; the test checks each step's
+launches): the compiled ones on a GPU, the interpreter's on CPU. The interpreter runs one Python program
+per (image, head) in each attention kernel, ~4 ms each, so a step's cost grows with its images and
+the run is sized to that: 64 steps of 32 images (~1.5 epochs of the 1400 training images), ~2.5 CPU
+seconds per step on a 2-core machine (~3.3 minutes for the test alone, ~4.7 beside other tests).
+Two choices make so short a run converge (93-95 % for the eager reference over init seeds 0..4):
+LeCun-normal weights and a 0.5-std positional embedding instead of timm's 0.02-std init, which is made
+for wide models and long schedules (from it, 150 steps of 64 images reach only 85-94 %), and AdamW with
+betas (0.8, 0.95).
 """
+import contextlib
+
 import pytest
+import threadpoolctl
 import torch
 import torch.nn.functional as F
 
 import fastvit
-from conftest import DEVICE
+from conftest import DEVICE, INTERPRETED
 from fastvit import reference
+from fastvit.launches import count_launches
 
 CONFIG = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2)
-STEPS, BATCH = 150, 64
-TRITON_STEPS = STEPS if DEVICE.type == "cuda" else 4
+STEPS, BATCH, LR = 64, 32, 3e-3
+KERNELS = ("_patch_embed_kernel", "_linear_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")
+
+
+def _lean_interpreter():
+    """Cut two interpreter overheads for this long run, without changing a single result (bitwise):
+
+    1. Triton's interpreter re-patches triton.language (a walk over every builtin) at each call of a
+       nested @triton.jit helper, ~45 % of a step here. Patching once per launch for each module the
+       helpers live in reaches the same state.
+    2. Its tl.dot is a numpy matmul of a small tile: single-threaded BLAS runs it in ~10 us,
+       multi-threaded OpenBLAS on a busy 2-core machine in ~1 ms (and its spinning threads slow the rest).
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(threadpoolctl.threadpool_limits(limits=1, user_api="blas"))
+    if INTERPRETED:
+        stack.enter_context(_patch_lang_once_per_launch())
+    return stack
+
+
+@contextlib.contextmanager
+def _patch_lang_once_per_launch():
+    from triton.runtime import interpreter
+
+    if not hasattr(interpreter, "GridExecutor"):  # another interpreter: run it as it is
+        yield
+        return
+    function, grid = interpreter.InterpretedFunction, interpreter.GridExecutor
+    original_call, original_launch = function.__call__, grid.__call__
+    patched = set()  # ids of the module globals whose language this launch has patched
+
+    def launch(self, *args, **kwargs):
+        patched.clear()
+        patched.add(id(self.fn.__globals__))
+        try:
+            return original_launch(self, *args, **kwargs)
+        finally:
+            patched.clear()
+
+    def call(self, *args, **kwargs):  # a nested helper: InterpretedFunction.__call__ minus the re-patching
+        if id(self.fn.__globals__) not in patched:
+            patched.add(id(self.fn.__globals__))
+            return original_call(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    function.__call__, grid.__call__ = call, launch
+    try:
+        yield
+    finally:
+        function.__call__, grid.__call__ = original_call, original_launch
+
+
+@contextlib.contextmanager
+def _fp32_convolutions():
+    """cuDNN runs fp32 convolutions in TF32 by default, which would move the reference's patch embedding
+    ~1e-3 away from fastvit's fp32 GEMM on a GPU; both runs compute in fp32 here."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 def digits():
+    """Train / test split (1400 / 397) of the 8x8 digits, standardised: (N, 1, 8, 8) images, (N,) labels."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None]
+    images = (images - images.mean()) / images.std()
     labels = torch.tensor(data.target)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     train, test = order[:1400], order[1400:]
     return images[train], labels[train], images[test], labels[test]
 
 
-def train(model, images, labels, triton_steps=0):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+def initialise(model):
+    """LeCun-normal weights (std 1 / sqrt(fan_in)) and a 0.5-std positional embedding, in place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() > 1:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+        model.pos_embed.normal_(0.0, 0.5)
+
+
+def train(model, images, labels, backend):
+    """STEPS AdamW steps on random batches (the same batches for every model); the loss of each step
+    and the Triton launches of each step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.8, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, STEPS)
     batches = torch.Generator().manual_seed(1)
-    losses = []
-    for step in range(STEPS):
+    losses, launches = [], []
+    for _ in range(STEPS):
         idx = torch.randint(0, len(images), (BATCH,), generator=batches)
-        with fastvit.use_backend("auto" if step < triton_steps else "torch"):
+        with fastvit.use_backend(backend), count_launches() as counter:
             loss = F.cross_entropy(model(images[idx].to(DEVICE)), labels[idx].to(DEVICE))
-        optimizer.zero_grad()
-        loss.backward()
+            optimizer.zero_grad()
+            loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    return torch.tensor(losses)
+        launches.append(counter.by_kernel)
+    return torch.tensor(losses), launches
+
+
+def accuracy(model, images, labels, backend):
+    model.eval()
+    with torch.no_grad(), fastvit.use_backend(backend):
+        return (model(images.to(DEVICE)).argmax(1).cpu() == labels).float().mean().item()
 
 
 @pytest.mark.slow
 def test_digits_training_follows_reference_and_converges():
     x_train, y_train, x_test, y_test = digits()
     torch.manual_seed(0)
-    model = fastvit.VisionTransformer(**CONFIG).to(DEVICE)
-    ref = reference.VisionTransformer(**CONFIG).to(DEVICE)
+    model = fastvit.VisionTransformer(**CONFIG)
+    initialise(model)
+    ref = reference.VisionTransformer(**CONFIG)
     ref.load_state_dict(model.state_dict())
+    model, ref = model.to(DEVICE), ref.to(DEVICE)
 
-    losses = train(model, x_train, y_train, triton_steps=TRITON_STEPS)
-    ref_losses = train(ref, x_train, y_train)
+    with _lean_interpreter(), _fp32_convolutions():
+        losses, launches = train(model, x_train, y_train, "triton")
+        ref_losses, _ = train(ref, x_train, y_train, "torch")
+        test_accuracy = accuracy(model, x_test, y_test, "triton")
+        ref_accuracy = accuracy(ref, x_test, y_test, "torch")
 
-    # Identical maths, different summation order: the curves agree closely at first and stay close as
-    # the runs slowly drift apart (training is chaotic, so only early steps can be held tight).
-    early = min(TRITON_STEPS, 10)
-    assert torch.allclose(losses[:early], ref_losses[:early], rtol=1e-3, atol=1e-4), (losses[:early], ref_losses[:early])
-    assert (losses[-20:].mean() - ref_losses[-20:].mean()).abs() < 0.1
-    assert losses[-20:].mean() < 0.5 * losses[:5].mean()
-
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(x_test.to(DEVICE)).argmax(1).cpu() == y_test).float().mean().item()
-    assert accuracy >= 0.9, f"test accuracy {accuracy:.3f}"
+    missing = [(step, k) for step, counts in enumerate(launches) for k in KERNELS if counts[k] == 0]
+    assert not missing, f"steps that did not launch a Triton kernel: {missing[:5]}"
+    # Identical maths, different summation order: the curves agree closely at first and may drift apart
+    # later (training amplifies rounding), so only the first steps are held tight.
+    assert torch.allclose(losses[:10], ref_losses[:10], rtol=1e-3, atol=1e-4), (losses[:10], ref_losses[:10])
+    assert (losses - ref_losses).abs().max() < 0.05, (losses, ref_losses)
+    assert losses[-8:].mean() < 0.2 * losses[:8].mean(), losses
+    assert test_accuracy >= 0.9, f"test accuracy {test_accuracy:.3f}"
+    assert abs(test_accuracy - ref_accuracy) <= 0.02, (test_accuracy, ref_accuracy)
