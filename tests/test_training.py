@@ -5,8 +5,8 @@ evaluated on the Triton path.
 Every step of the fastvit run launches the Triton kernels (backend "triton"; the test checks each step's
 launches): the compiled ones on a GPU, the interpreter's on CPU. The interpreter runs one Python program
 per (image, head) in each attention kernel, ~4 ms each, so a step's cost grows with its images and
-the run is sized to that: 64 steps of 32 images (~1.5 epochs of the 1400 training images), ~2.5 CPU
-seconds per step on a 2-core machine (~3.3 minutes for the test alone, ~4.7 beside other tests).
+the run is sized to that: 64 steps of 32 images (~1.5 epochs of the 1400 training images), ~2.3 s per
+step on a 2-core machine (~3 minutes for the test; up to ~6.5 when other test runs share the cores).
 Two choices make so short a run converge (93-95 % for the eager reference over init seeds 0..4):
 LeCun-normal weights and a 0.5-std positional embedding instead of timm's 0.02-std init, which is made
 for wide models and long schedules (from it, 150 steps of 64 images reach only 85-94 %), and AdamW with
