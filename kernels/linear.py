@@ -24,11 +24,20 @@ Design:
 - Program (pid_m, pid_n) owns a BLOCK_M x BLOCK_N tile of the output and walks K in BLOCK_K steps; programs
   are ordered in groups of GROUP_M row-blocks so neighbouring programs share A and B tiles in L2.
 - Operands are cast to DOT_DTYPE (the compute dtype) right before tl.dot; the accumulator is fp32; fp32
-  operands use DOT_PRECISION ("ieee" unless torch allows TF32). Every masked lane is zeroed *after* the
-  prologue (LayerNorm would turn a zero pad into lb[k]), so ragged tails never leak into the sums.
-- Plain pointer loads, no tensor descriptors (triton 3.6's descriptors do not run in the interpreter that
-  tests this file); on sm_90 tl.dot still lowers to wgmma (HGMMA) for BLOCK_M >= 64 and num_warps a
-  multiple of 4, on sm_80 to mma.sync (HMMA): see compile_configs().
+  operands use DOT_PRECISION ("ieee" unless torch allows TF32). A LayerNorm-ed tile is x * rstd + shift
+  then * lw + lb with no 2-D mask: its padded lanes meet zero pads of the other operand or are never
+  stored. On sm_90 that lets the tile go from shared memory straight into the wgmma register layout
+  (AOT SASS: 297 instead of ~450 instructions per K-step at 128 x 128); before sm_90 the unmasked tile
+  spills, so ZERO_PADS masks it there. EVEN_K drops the K masks when BLOCK_K divides K.
+- The K loop runs to max(k_len, 1): with a trip count the compiler cannot prove >= 1, triton 3.6 places
+  the zero-trip path's accumulator initialisation after the loop and ptxas serialises every wgmma
+  (warning C7515; WARPGROUP.DEPBAR 0x0 after each HGMMA, so the tensor cores never overlap the loads
+  and the prologue). With it the forward and dx loops keep 1-3 wgmma groups in flight. The weight-
+  gradient loops still wait after each wgmma (their transposed A tile is staged through one buffer).
+- Plain pointer loads. Tensor descriptors (TMA) compile on triton 3.6 and run in its interpreter, but in
+  AOT compiles they only trim address arithmetic (87 vs ~100 instructions per K-step); not adopted
+  until a GPU measurement says they pay. On sm_90 tl.dot lowers to wgmma (HGMMA) for BLOCK_M >= 64 and
+  num_warps a multiple of 4, on sm_80 to mma.sync (HMMA): see compile_configs().
 - LayerNorm statistics are handed from GEMM to GEMM: a residual GEMM (STATS_OUT) stores, per row, the
   mean and M2 (sum of squared deviations) of each STATS_GROUP = 64 columns of its output as stored, and
   the next LayerNorm -> GEMM (STATS_IN) combines those partials in its prologue (Chan et al.'s pairwise
@@ -41,6 +50,10 @@ Design:
   measured on an H200 (triton 3.6; ViT-B QKV, M = 50432, K = 768, N = 2304, bf16), that made the GEMM
   23-50 % slower (648 -> 796 us at 128 x 256 tiles, 919 -> 1243 us at 128 x 128) since every column
   block re-reads its rows of x with no MMA to hide the reads, while the row pass costs 36-52 us.
+- Split-K for the weight gradients: dW's (N, K) grid is small (ViT-B proj: 36 tiles of 128 x 128) while
+  its reduction runs over all M = batch x tokens rows, so on CUDA the tile pick also tries cutting the
+  reduction into slices (a second grid axis; _split_k sizes it to about one wave of SMs). Each slice
+  writes fp32 partials of dW, db and dls, summed afterwards in a fixed order: deterministic, no atomics.
 - Configs: one fixed config under the interpreter; on CUDA a measured pick among a few candidates per
   bucketed (M, N, K), dtype and flag set, cached per process, with a pre-tuned default for ViT-S/B/L
   shapes used while a CUDA graph is being captured or when FASTVIT_AUTOTUNE=0.
@@ -101,15 +114,17 @@ def _dropout_keep(Seed, rows, cols, n_cols, p):
 
 
 @triton.jit
-def _layer_norm_tile(x, mean, rstd, cols, row_mask, col_mask, LnW, LnB, HAS_LN_W: tl.constexpr,
-                     HAS_LN_B: tl.constexpr):
-    """LayerNorm of a tile x[rows, cols] of the input given its rows' fp32 mean and rstd; masked lanes -> 0."""
-    y = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+def _layer_norm_rows(x, rstd, shift, cols, col_mask, LnW, LnB, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr):
+    """LayerNorm of a tile x[rows, cols] of the input (rows of x, with their fp32 rstd and shift = -mean *
+    rstd) as x * rstd + shift, then * lw + lb: two FFMA per element and no 2-D mask, so on sm_90 the tile
+    goes straight from shared memory into the wgmma register layout. Padded lanes are left non-zero:
+    each meets a zero pad of the other operand (a padded k) or is never stored (a padded row or column)."""
+    y = x.to(tl.float32) * rstd[:, None] + shift[:, None]
     if HAS_LN_W:
         y = y * tl.load(LnW + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_LN_B:
         y = y + tl.load(LnB + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(row_mask[:, None] & col_mask[None, :], y, 0.0)
+    return y
 
 
 @triton.jit
@@ -180,10 +195,11 @@ def _grad_prologue(dy, dy_rows, dy_cols, mask, col_mask, Z, stride_zm, Scale, Se
 
 @triton.jit
 def _linear_kernel(
-    C,  # (M, N) output, row stride stride_cm, unit column stride
+    C,  # (M, N) output, row stride stride_cm, unit column stride; split-K: (splits, M, N) fp32 partials
     Preact,  # (M, N) output with C's strides: z before the activation (SAVE_PREACT), or None
-    RowSum,  # (M,) fp32 output: sum over k of the prologue's dz (ROWSUM_DZ: db in the dW GEMM), or None
-    RowSumU,  # (M,) fp32 output: sum over k of d * u (ROWSUM_DU: dls in the dW GEMM), or None
+    RowSum,  # (M,) fp32 output: sum over k of the prologue's dz (ROWSUM_DZ: db in the dW GEMM), or None;
+    # split-K: (splits, M) partial sums
+    RowSumU,  # (M,) fp32 output: sum over k of d * u (ROWSUM_DU: dls in the dW GEMM), or None; likewise
     StatsOut,  # (2, cdiv(N, STATS_GROUP), M) fp32 output: C's per-group row statistics (STATS_OUT), or None
     A,  # (M, K) left operand: x, dy, or dy^T (TRANS_A); strides stride_am, stride_ak
     B,  # (K, N) right operand: W^T, W or x (all strided views); strides stride_bk, stride_bn
@@ -198,8 +214,10 @@ def _linear_kernel(
     Seed,  # (1,) int64 dropout seed, or None
     Z,  # saved pre-activation (dy's shape), row stride stride_zm, for GRAD_A; or None
     stride_cm, stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_zm,
+    stride_c_split,  # C's stride between split-K partials (0 without a split)
     stride_s_kind, stride_s_group, stride_s_row,  # StatsIn's
     M, N, K,
+    k_per_split,  # program (., s) reduces k in [s * k_per_split, (s + 1) * k_per_split): K without a split
     n_fwd,  # columns of the forward output y (dropout counters are m * n_fwd + n)
     dropout_p,
     eps,  # LayerNorm's, for STATS_IN
@@ -219,6 +237,8 @@ def _linear_kernel(
     HAS_RESIDUAL: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
     STATS_OUT: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
+    ZERO_PADS: tl.constexpr,  # zero a LayerNorm-ed tile's padded lanes (before sm_90: unmasked, it spills)
     DOT_DTYPE: tl.constexpr,  # operands are cast to this right before tl.dot
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -241,6 +261,15 @@ def _linear_kernel(
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < M
     col_mask = cols < N
+    # split-K: this program's share of the reduction, and its own slice of the partial outputs
+    pid_k = tl.program_id(1)
+    k_begin = pid_k * k_per_split
+    k_len = tl.minimum(k_per_split, K - k_begin)
+    C += pid_k.to(tl.int64) * stride_c_split
+    if ROWSUM_DZ:
+        RowSum += pid_k.to(tl.int64) * M
+    if ROWSUM_DU:
+        RowSumU += pid_k.to(tl.int64) * M
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -253,13 +282,22 @@ def _linear_kernel(
     elif LN_A:
         mean_a = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd_a = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-    for k_start in range(0, K, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = ks < K
+    if LN_A:
+        shift_a = -mean_a * rstd_a
+    # max(., 1): a trip count provably >= 1, else triton 3.6 puts the zero-trip path's accumulator
+    # initialisation after the loop and ptxas serialises every wgmma (module docstring)
+    for k_offset in range(0, tl.maximum(k_len, 1), BLOCK_K):
+        ks = k_begin + k_offset + tl.arange(0, BLOCK_K).to(tl.int64)
+        if EVEN_K:
+            k_mask = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            k_mask = ks < K
         a_mask = row_mask[:, None] & k_mask[None, :]
         a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
         if LN_A:
-            a = _layer_norm_tile(a, mean_a, rstd_a, ks, row_mask, k_mask, LnW, LnB, HAS_LN_W, HAS_LN_B)
+            a = _layer_norm_rows(a, rstd_a, shift_a, ks, k_mask, LnW, LnB, HAS_LN_W, HAS_LN_B)
+            if ZERO_PADS:
+                a = tl.where(a_mask, a, 0.0)
         if GRAD_A:
             # dy's row and column of each A element, as broadcast vectors (full int64 tiles cost registers)
             if TRANS_A:
@@ -276,9 +314,11 @@ def _linear_kernel(
         b_mask = k_mask[:, None] & col_mask[None, :]
         b = tl.load(B + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
         if LN_B:
-            mean_b = tl.load(Mean + ks, mask=k_mask, other=0.0)
             rstd_b = tl.load(Rstd + ks, mask=k_mask, other=0.0)
-            b = _layer_norm_tile(b, mean_b, rstd_b, cols, k_mask, col_mask, LnW, LnB, HAS_LN_W, HAS_LN_B)
+            b = _layer_norm_rows(b, rstd_b, -tl.load(Mean + ks, mask=k_mask, other=0.0) * rstd_b, cols, col_mask,
+                                 LnW, LnB, HAS_LN_W, HAS_LN_B)  # fmt: skip
+            if ZERO_PADS:
+                b = tl.where(b_mask, b, 0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
 
     # the row sums span all of K in every program; the first column-block writes them
@@ -384,26 +424,51 @@ def _fit_to_fusions(tile: dict, flags: dict) -> dict:
     return tile
 
 
-def _pick_tile(key, M, N, dot_dtype, launch) -> dict:
+def _before_hopper(device) -> bool:
+    """A CUDA device older than sm_90: there a LayerNorm-ed tile without its 2-D mask stays in the mma.sync
+    operand layout and spills, so ZERO_PADS keeps the mask (wgmma on sm_90 gains from dropping it)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
+
+
+def _split_k(tiles: int, K: int, block_k: int, num_sms: int) -> int:
+    """How many slices to cut a long reduction into when the (M, N) grid alone cannot fill the GPU: the
+    weight gradients of ViT-B's proj (768 x 768: 36 tiles of 128 x 128, each reducing over 50432 rows)
+    would leave three quarters of an H200's 132 SMs idle. Enough slices for about one full wave, each
+    at least 8 K-steps long."""
+    if tiles >= num_sms:
+        return 1
+    return max(1, min(num_sms // tiles, K // (8 * block_k), 16))
+
+
+def _pick_tile(key, M, N, K, dot_dtype, launch, can_split) -> dict:
     """The tile config for one GEMM: fixed under the interpreter; on CUDA the fastest candidate for this
-    key (flags, dtypes, next_power_of_2(M), N, K), measured once per process. Measuring reruns `launch`,
-    which is safe because every output is overwritten, never accumulated into. The pre-tuned default is
-    used without measuring while a CUDA graph is captured or when FASTVIT_AUTOTUNE=0."""
+    key (flags, dtypes, next_power_of_2(M), N, K), measured once per process, each candidate also tried
+    with a split K when can_split and the grid is small (_split_k). Measuring reruns `launch`, which is
+    safe because every output is overwritten, never accumulated into. The pre-tuned default is used
+    without measuring while a CUDA graph is captured or when FASTVIT_AUTOTUNE=0."""
     if is_interpreter():
         return _INTERPRETER_TILE
     if key in _tuned:
         return _tuned[key]
     flags = dict(key[0])
-    default = _fit_to_fusions(_default_tile(M, N, dot_dtype), flags)
+    num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+    def with_splits(tile):
+        tile = _fit_to_fusions(tile, flags)
+        tiles = triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"])
+        split = _split_k(tiles, K, tile["BLOCK_K"], num_sms) if can_split else 1
+        return [dict(tile, SPLIT_K=split)] + ([dict(tile, SPLIT_K=1)] if split > 1 else [])
+
+    default = with_splits(_default_tile(M, N, dot_dtype))[0]
     if os.environ.get("FASTVIT_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return default
     timings = []
-    for tile in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
-        tile = _fit_to_fusions(tile, flags)
-        try:
-            timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
-        except triton.runtime.errors.OutOfResources:
-            continue
+    for candidate in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
+        for tile in with_splits(candidate):
+            try:
+                timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
+            except triton.runtime.errors.OutOfResources:
+                continue
     _tuned[key] = min(timings)[2] if timings else default
     return _tuned[key]
 
@@ -426,15 +491,33 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision(dot_dtype),
     )
 
+    can_split = trans_a and out.is_contiguous()  # the weight gradients: no epilogue to split around
+
     def launch(tile):
-        grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]),)
+        tile = dict(tile)
+        split = tile.pop("SPLIT_K", 1) if can_split else 1
+        k_per_split = triton.cdiv(triton.cdiv(K, split), tile["BLOCK_K"]) * tile["BLOCK_K"]
+        splits = triton.cdiv(K, k_per_split)
+        # split-K: each slice of the reduction writes fp32 partials, summed below in a fixed order
+        # (deterministic); only for GEMMs with no epilogue beyond the store (the weight gradients)
+        targets = (out, row_sum, row_sum_u)
+        if splits > 1:
+            targets = tuple(None if t is None else t.new_empty((splits, *t.shape), dtype=torch.float32)
+                            for t in targets)  # fmt: skip
+        c, c_row_sum, c_row_sum_u = targets
+        grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), splits)
         _linear_kernel[grid](
-            out, preact, row_sum, row_sum_u, stats_out, a, b, bias, residual, scale, ln_weight, ln_bias, mean, rstd,
-            stats_in, seed, z, out.stride(0), *a_strides, *b_strides,
+            c, preact, c_row_sum, c_row_sum_u, stats_out, a, b, bias, residual, scale, ln_weight, ln_bias, mean,
+            rstd, stats_in, seed, z, out.stride(0), *a_strides, *b_strides,
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
-            *(stats_in.stride() if stats_in is not None else (0, 0, 0)), M, N, K, n_fwd, dropout_p, eps,
-            **flags, **tile,
+            c.stride(0) if splits > 1 else 0, *(stats_in.stride() if stats_in is not None else (0, 0, 0)),
+            M, N, K, k_per_split, n_fwd, dropout_p, eps, **flags, EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0,
+            ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
         )  # fmt: skip
+        if splits > 1:
+            for total, partials in zip((out, row_sum, row_sum_u), targets):
+                if total is not None:
+                    total.copy_(partials.sum(0))
 
     if M == 0 or N == 0:
         return
@@ -447,7 +530,7 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         return
     key = (tuple(flags.items()), out.dtype, a.dtype, b.dtype, triton.next_power_of_2(M), N, K)
     with device_context(out):
-        launch(_pick_tile(key, M, N, dot_dtype, launch))
+        launch(_pick_tile(key, M, N, K, dot_dtype, launch, can_split))
 
 
 def _row_stats(x, eps):
@@ -607,7 +690,7 @@ def compile_configs():
             ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                                 "stride_rm", "stride_zm", "N", "K", "n_fwd")}
             ints.update(M="i32", dropout_p="fp32", eps="fp32", stride_s_kind="i32", stride_s_group="i32",
-                        stride_s_row="i32")
+                        stride_s_row="i32", stride_c_split="i32:16", k_per_split="i32:16")
             # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows
             # when B is W^T (forward), else B's columns
             units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")
@@ -618,8 +701,14 @@ def compile_configs():
                 constexprs.update({name: 1 for name in units})
                 constexprs.update({**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype], "DOT_PRECISION": "tf32"})
                 constexprs.update({k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
-                configs.append(KernelConfig(
-                    _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **ints},
-                    constexprs=constexprs, num_warps=tile["num_warps"], num_stages=tile["num_stages"],
-                ))  # fmt: skip
+                # K is a ViT width, except for the weight gradients' reduction over M rows
+                constexprs["EVEN_K"] = tile_m % tile["BLOCK_K"] == 0 if trans else True
+                has_ln = flags.get("LN_A") or flags.get("LN_B")
+                for archs in ((90,), (80,)) if has_ln else ((90, 80),):  # ZERO_PADS before sm_90 only
+                    constexprs["ZERO_PADS"] = has_ln and archs == (80,)
+                    configs.append(KernelConfig(
+                        _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **ints},
+                        constexprs=dict(constexprs), num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+                        archs=archs,
+                    ))  # fmt: skip
     return configs

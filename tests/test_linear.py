@@ -157,6 +157,25 @@ def test_fc2_vit_base_shape_forward():
     assert_error_within(ours, eager, ref, atol=tolerance(torch.bfloat16)[0], name="fc2 y")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("spec", [dict(ln=True, bias=True, activation="gelu"),
+                                  dict(bias=True, residual=True, layer_scale=True)], ids=["ln_fc1", "fc2_ls"])
+def test_split_k_weight_gradients(monkeypatch, spec, dtype):
+    """The weight-gradient GEMM split over 3 slices of its 397-row reduction (the last one ragged), as on a
+    GPU when its grid is too small to fill the SMs: dW, db and dls from the fp32 partials still hold the
+    flash rule against fp64 (with the LayerNorm re-applied to x in each slice), and reruns are bitwise."""
+    from fastvit.kernels import linear as linear_kernels
+
+    monkeypatch.setattr(linear_kernels, "_INTERPRETER_TILE", dict(linear_kernels._INTERPRETER_TILE, SPLIT_K=3))
+    check_against_fp64(397, 100, 200, spec, dtype)
+    inputs = make_inputs(397, 100, 200, spec, dtype)
+    grad_out = torch.randn(397, 200, device=DEVICE)
+    with use_backend("triton"):
+        first, second = (forward_backward(lambda t: call(t, spec), inputs, grad_out)[1] for _ in range(2))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
 def group_stats_reference(y):
     """fp64 (mean, M2) of every 64-column group of y's rows: what the epilogue's statistics hold."""
     y = y.double().reshape(-1, y.shape[-1])
