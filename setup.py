@@ -14,6 +14,7 @@ TEST_REQUIRES = [
     "transformers>=4.40",
     "hypothesis>=6",
     "scikit-learn>=1.3",
+    "threadpoolctl>=3",
     "matplotlib>=3.7",
 ]
 

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
+import threadpoolctl  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fastvit.kernels import _helpers  # noqa: E402
@@ -48,8 +49,45 @@ def _install_bf16_dot_shim():
     builder.create_dot = create_dot
 
 
+def _patch_language_once_per_launch():
+    """Triton's interpreter re-patches triton.language (a walk over every builtin) at each call of a
+    nested @triton.jit helper: ~40 % of an interpreted model step. Patching once per launch for each
+    module the helpers live in reaches the same state (results are bitwise the same; checked on the
+    training test). Leaves an interpreter without these internals as it is."""
+    from triton.runtime import interpreter
+
+    if not hasattr(interpreter, "GridExecutor") or not hasattr(interpreter.InterpretedFunction, "rewrite"):
+        return
+    function, grid = interpreter.InterpretedFunction, interpreter.GridExecutor
+    original_call, original_launch = function.__call__, grid.__call__
+    patched = set()  # ids of the module globals whose language this launch has patched
+
+    def launch(self, *args, **kwargs):
+        patched.clear()
+        patched.add(id(self.fn.__globals__))
+        try:
+            return original_launch(self, *args, **kwargs)
+        finally:
+            patched.clear()
+
+    def call(self, *args, **kwargs):  # a nested helper: InterpretedFunction.__call__ minus the re-patching
+        if id(self.fn.__globals__) not in patched:
+            patched.add(id(self.fn.__globals__))
+            return original_call(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    function.__call__, grid.__call__ = call, launch
+
+
 if INTERPRETED:
     _install_bf16_dot_shim()
+    _patch_language_once_per_launch()
+    # The interpreter's tl.dot is a numpy matmul of one small tile: single-threaded BLAS runs it in ~10 us,
+    # multi-threaded OpenBLAS on a busy 2-core machine in ~1 ms (its spinning threads slow the rest too).
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 # Per output dtype: (atol, rtol) for a kernel result against an fp32/fp64 reference. Gradients that
 # reduce over many rows use `grad_tolerance`, which scales atol with the reduction length.

@@ -15,69 +15,17 @@ AdamW with betas (0.8, 0.95).
 import contextlib
 
 import pytest
-import threadpoolctl
 import torch
 import torch.nn.functional as F
 
 import fastvit
-from conftest import DEVICE, INTERPRETED
+from conftest import DEVICE
 from fastvit import reference
 from fastvit.launches import count_launches
 
 CONFIG = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2)
 STEPS, BATCH, LR = 64, 32, 3e-3
 KERNELS = ("_patch_embed_kernel", "_linear_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")
-
-
-def _lean_interpreter():
-    """Cut two interpreter overheads for this long run, without changing a single result (bitwise):
-
-    1. Triton's interpreter re-patches triton.language (a walk over every builtin) at each call of a
-       nested @triton.jit helper, ~45 % of a step here. Patching once per launch for each module the
-       helpers live in reaches the same state.
-    2. Its tl.dot is a numpy matmul of a small tile: single-threaded BLAS runs it in ~10 us,
-       multi-threaded OpenBLAS on a busy 2-core machine in ~1 ms (and its spinning threads slow the rest).
-    """
-    stack = contextlib.ExitStack()
-    stack.enter_context(threadpoolctl.threadpool_limits(limits=1, user_api="blas"))
-    if INTERPRETED:
-        stack.enter_context(_patch_lang_once_per_launch())
-    return stack
-
-
-@contextlib.contextmanager
-def _patch_lang_once_per_launch():
-    from triton.runtime import interpreter
-
-    if not hasattr(interpreter, "GridExecutor"):  # another interpreter: run it as it is
-        yield
-        return
-    function, grid = interpreter.InterpretedFunction, interpreter.GridExecutor
-    original_call, original_launch = function.__call__, grid.__call__
-    patched = set()  # ids of the module globals whose language this launch has patched
-
-    def launch(self, *args, **kwargs):
-        patched.clear()
-        patched.add(id(self.fn.__globals__))
-        try:
-            return original_launch(self, *args, **kwargs)
-        finally:
-            patched.clear()
-
-    def call(self, *args, **kwargs):  # a nested helper: InterpretedFunction.__call__ minus the re-patching
-        if id(self.fn.__globals__) not in patched:
-            patched.add(id(self.fn.__globals__))
-            return original_call(self, *args, **kwargs)
-        try:
-            return self.rewrite()(*args, **kwargs)
-        except Exception as e:
-            raise interpreter.InterpreterError(repr(e)) from e
-
-    function.__call__, grid.__call__ = call, launch
-    try:
-        yield
-    finally:
-        function.__call__, grid.__call__ = original_call, original_launch
 
 
 @contextlib.contextmanager
@@ -150,7 +98,7 @@ def test_digits_training_follows_reference_and_converges():
     ref.load_state_dict(model.state_dict())
     model, ref = model.to(DEVICE), ref.to(DEVICE)
 
-    with _lean_interpreter(), _fp32_convolutions():
+    with _fp32_convolutions():
         losses, launches = train(model, x_train, y_train, "triton")
         ref_losses, _ = train(ref, x_train, y_train, "torch")
         test_accuracy = accuracy(model, x_test, y_test, "triton")
