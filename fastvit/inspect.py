@@ -14,6 +14,9 @@ driver, no device), and reads the cubin with the cuobjdump / nvdisasm that ship 
                     the arch's per-block maximum (max_shared_memory)
     has_hgmma       Hopper warpgroup MMA (wgmma) in the SASS: the sm_90 tensor-core path
     has_hmma        warp-level MMA (mma.sync) in the SASS: the sm_80 tensor-core path
+    wgmma_serialized  every wgmma wait drains to 0 (WARPGROUP.DEPBAR.LE gsb0, 0x0): no HGMMA overlaps
+                    anything, the tensor cores idle through every load and prologue; a problem for a
+                    config that promises async_wgmma
 
 Every @triton.jit function named `_*_kernel` must appear in at least one production config; one that
 does not gets a row per arch with compiled False and error "no production config".
@@ -39,7 +42,8 @@ import time
 KERNELS_PACKAGE = "fastvit.kernels"
 ROW_KEYS = (
     "kernel", "module", "config", "num_warps", "num_stages", "arch", "kind", "compiled", "error",
-    "registers", "spills", "shared_memory", "max_shared_memory", "has_hgmma", "has_hmma", "compile_s",
+    "registers", "spills", "shared_memory", "max_shared_memory", "has_hgmma", "has_hmma", "wgmma_serialized",
+    "async_wgmma", "compile_s",
 )  # fmt: skip
 NO_CONFIG = "no production config"
 
@@ -124,7 +128,12 @@ def _read_cubin(cubin: bytes):
         sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage.stdout))
     spills = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
-    return int(fields["REG"]), spills, bool(re.search(r"\bHGMMA\.", sass)), bool(re.search(r"\bHMMA\.", sass))
+    has_hgmma = bool(re.search(r"\bHGMMA\.", sass))
+    # wgmma waits: an asynchronous pipeline leaves groups in flight somewhere (a wait on 0x1 or more);
+    # when every wait drains to 0x0 each HGMMA runs alone (ptxas C7515)
+    waits = re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+)", sass)
+    serialized = has_hgmma and all(int(w, 16) == 0 for w in waits)
+    return int(fields["REG"]), spills, has_hgmma, bool(re.search(r"\bHMMA\.", sass)), serialized
 
 
 def _summary(error):
@@ -152,7 +161,7 @@ def _compile_row(module_name, index, arch):
     row = _row(
         kernel=jit.fn.__name__, module=module_name, config=cfg.label, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, arch=f"sm_{arch}", kind=cfg.kind, compiled=False,
-        max_shared_memory=MAX_SHARED_MEMORY.get(arch),
+        max_shared_memory=MAX_SHARED_MEMORY.get(arch), async_wgmma=cfg.async_wgmma,
     )  # fmt: skip
     start = time.perf_counter()
     try:
@@ -160,13 +169,13 @@ def _compile_row(module_name, index, arch):
         compiled = triton.compile(
             source, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         )
-        registers, spills, has_hgmma, has_hmma = _read_cubin(compiled.asm["cubin"])
+        registers, spills, has_hgmma, has_hmma, serialized = _read_cubin(compiled.asm["cubin"])
     except Exception as error:
         row.update(error=_summary(error))
     else:
         row.update(
             compiled=True, registers=registers, spills=spills, shared_memory=compiled.metadata.shared,
-            has_hgmma=has_hgmma, has_hmma=has_hmma,
+            has_hgmma=has_hgmma, has_hmma=has_hmma, wgmma_serialized=serialized,
         )  # fmt: skip
     row["compile_s"] = round(time.perf_counter() - start, 3)
     return row
@@ -247,6 +256,8 @@ def problems(row):
     if row["kind"] in ("gemm", "attention"):
         if row["arch"] == "sm_90" and not row["has_hgmma"]:
             found.append("no HGMMA (wgmma) in sm_90 SASS")
+        if row["arch"] == "sm_90" and row["async_wgmma"] and row["wgmma_serialized"]:
+            found.append("every wgmma waits for the previous one (serialised)")
         if row["arch"] == "sm_80" and not row["has_hmma"]:
             found.append("no HMMA (mma.sync) in sm_80 SASS")
     return found
@@ -255,7 +266,7 @@ def problems(row):
 def format_table(rows):
     """A fixed-width text table, one line per row, then a summary line."""
     columns = [("kernel", 26), ("config", 30), ("w", 2), ("s", 2), ("arch", 5), ("kind", 9), ("ok", 3),
-               ("regs", 4), ("spill", 5), ("smem", 7), ("HGMMA", 5), ("HMMA", 4), ("problems", 0)]  # fmt: skip
+               ("regs", 4), ("spill", 5), ("smem", 7), ("HGMMA", 5), ("HMMA", 4), ("serial", 6), ("problems", 0)]  # fmt: skip
 
     def cell(value):
         return "-" if value is None else ("yes" if value is True else "no" if value is False else str(value))
@@ -264,7 +275,8 @@ def format_table(rows):
     for row in rows:
         values = [row["kernel"], row["config"], row["num_warps"], row["num_stages"], row["arch"], row["kind"],
                   row["compiled"], row["registers"], row["spills"], row["shared_memory"], row["has_hgmma"],
-                  row["has_hmma"], "; ".join(problems(row))]  # fmt: skip
+                  row["has_hmma"], row["wgmma_serialized"] if row["arch"] == "sm_90" else None,
+                  "; ".join(problems(row))]  # fmt: skip
         lines.append(" ".join(cell(v).ljust(w) for v, (_, w) in zip(values, columns)).rstrip())
     bad = sum(1 for row in rows if problems(row))
     lines.append(f"{len(rows)} rows, {len(rows) - bad} clean, {bad} with problems")

@@ -87,6 +87,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     archs: tuple = (90, 80)  # the compute capabilities whose launchers pick this config
+    # the sm_90 loop must keep wgmma groups in flight (fastvit.inspect flags a serialised one as a problem)
+    async_wgmma: bool = False
 
     def signature(self) -> dict:
         """The full `triton.compile` signature: every kernel argument in order, constexprs marked."""

@@ -32,8 +32,9 @@ Design:
 - The K loop runs to max(k_len, 1): with a trip count the compiler cannot prove >= 1, triton 3.6 places
   the zero-trip path's accumulator initialisation after the loop and ptxas serialises every wgmma
   (warning C7515; WARPGROUP.DEPBAR 0x0 after each HGMMA, so the tensor cores never overlap the loads
-  and the prologue). With it the forward and dx loops keep 1-3 wgmma groups in flight. The weight-
-  gradient loops still wait after each wgmma (their transposed A tile is staged through one buffer).
+  and the prologue). With it the forward and dx loops keep 1-3 wgmma groups in flight (compile_configs
+  marks them async_wgmma: fastvit.inspect and tests/test_compile.py check it). The weight-gradient
+  loops still wait after each wgmma (their transposed A tile is staged through one buffer).
 - Plain pointer loads. Tensor descriptors (TMA) compile on triton 3.6 and run in its interpreter, but in
   AOT compiles they only trim address arithmetic (87 vs ~100 instructions per K-step); not adopted
   until a GPU measurement says they pay. On sm_90 tl.dot lowers to wgmma (HGMMA) for BLOCK_M >= 64 and
@@ -709,6 +710,6 @@ def compile_configs():
                     configs.append(KernelConfig(
                         _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **ints},
                         constexprs=dict(constexprs), num_warps=tile["num_warps"], num_stages=tile["num_stages"],
-                        archs=archs,
+                        archs=archs, async_wgmma=not trans,
                     ))  # fmt: skip
     return configs

@@ -152,8 +152,10 @@ def _gemm_tile(
     b_cols = B + _offsets(offs_n, KIND_B_N, GH, GW, P, stride_b_n0, stride_b_n1, stride_b_n2)[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        offs_k = tl.multiple_of(k, BLOCK_K) + tl.arange(0, BLOCK_K)  # k_start is a multiple of BLOCK_K
+    # max(., 1): a trip count provably >= 1 keeps triton 3.6's wgmma asynchronous (kernels/linear.py
+    # explains); an empty slice then runs one fully masked step, which adds 0
+    for k_offset in range(0, tl.maximum(k_end - k_start, 1), BLOCK_K):
+        offs_k = tl.multiple_of(k_start + k_offset, BLOCK_K) + tl.arange(0, BLOCK_K)  # k_start: a multiple too
         mask_k = offs_k < K  # slices end on a BLOCK_K boundary or at K, so only K cuts a step short
         a_k = _offsets(offs_k, KIND_A_K, GH, GW, P, stride_a_k0, stride_a_k1, stride_a_k2)
         b_k = _offsets(offs_k, KIND_B_K, GH, GW, P, stride_b_k0, stride_b_k1, stride_b_k2)

@@ -87,3 +87,12 @@ def test_gemm_and_attention_use_tensor_cores():
             return "no HMMA (mma.sync) in the sm_80 SASS: not on the tensor cores"
 
     assert not (failed := _failures(no_mma)), "\n".join(failed)
+
+
+def test_promised_wgmma_pipelines_stay_asynchronous():
+    """Configs marked async_wgmma (the linear kernel's forward and dx GEMMs) keep wgmma groups in flight on
+    sm_90: a loop whose every WARPGROUP.DEPBAR drains to 0 leaves the tensor cores idle through each
+    load and prologue (what triton 3.6 did before the K loop's trip count was made provably >= 1)."""
+    serialised = _failures(lambda row: row["compiled"] and row["arch"] == "sm_90" and row["async_wgmma"]
+                           and row["wgmma_serialized"] and "every wgmma waits for the previous one")
+    assert not serialised, "\n".join(serialised)
