@@ -43,7 +43,7 @@ def build(config):
 def gradients(model, images):
     model.zero_grad()
     logits = model(images)
-    logits.backward(torch.randn_like(logits, generator=torch.Generator().manual_seed(1)).to(logits))
+    logits.backward(torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(logits))
     return logits, {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -252,3 +252,49 @@ def test_bad_images_are_named():
         model(torch.randn(2, 1, 32, 48))
     with pytest.raises(ValueError, match="x: image size \\(32, 32\\) does not match the model's img_size"):
         model(torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU (the CPU run uses the interpreter)")
+def test_cuda_graph_capture_of_inference_after_warm_up():
+    """After one warm-up call (which runs the autotuners), the whole forward captures into a CUDA graph and
+    its replays on new images equal eager calls bitwise: no host sync, allocation or tuning inside."""
+    model = fastvit.VisionTransformer(**TINY).to(DEVICE).eval()
+    static_images = image_batch(TINY)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        model(static_images)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_logits = model(static_images)
+    for _ in range(2):
+        images = image_batch(TINY)
+        static_images.copy_(images)
+        graph.replay()
+        with torch.no_grad():
+            assert torch.equal(static_logits, model(images))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU (the CPU run uses the interpreter)")
+def test_cuda_graph_capture_of_a_training_step():
+    """torch.cuda.make_graphed_callables captures forward and backward (with dropout and stochastic depth
+    off, so replays are deterministic): logits and every parameter gradient equal the eager step's."""
+    kwargs = dict(TINY, init_values=0.1)
+    model = fastvit.VisionTransformer(**kwargs).to(DEVICE).train()
+    images = image_batch(kwargs)
+    grad_out = torch.randn(2, kwargs["num_classes"], device=DEVICE)
+
+    def step(forward):
+        for p in model.parameters():
+            p.grad = None
+        logits = forward(images)
+        logits.backward(grad_out)
+        return logits.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected, expected_grads = step(model)
+    graphed = torch.cuda.make_graphed_callables(model, (images,))
+    logits, grads = step(graphed)
+    assert torch.equal(logits, expected)
+    for name in expected_grads:
+        assert torch.equal(grads[name], expected_grads[name]), name
