@@ -24,10 +24,21 @@ Two launches, deterministic (no atomics: reruns are bitwise equal):
 Tiling and the ragged tail (why N = 197 does not pay for 256): every sequence dimension is cut into
 full BLOCK tiles that run without masks, plus one last tile of TAIL = max(16, next_pow2(rows left))
 rows (a separate constexpr instantiation, masked; TAIL = BLOCK when BLOCK divides N). The program that
-owns the last tile runs the TAIL-row variant of the kernel body, and every streamed loop ends with a
-TAIL-wide masked step. At N = 197 with 64-row tiles both directions cover 3 x 64 + 16 = 208 rows:
+owns the last tile runs the TAIL-row variant of the kernel body, and every streamed loop starts with a
+TAIL-wide masked step (before the full tiles: see "Why the tail step comes first"). At N = 197 with
+64-row tiles both directions cover 3 x 64 + 16 = 208 rows:
 1.11x the useful tensor-core work instead of (256 / 197)^2 = 1.69x. Tails smaller than 64 rows use mma.sync instead of Hopper's wgmma (which needs
 64-row tiles), which is the right trade for 16 rows. 16 is the smallest tile tl.dot accepts.
+
+Why the tail step comes first: the full-tile loop may run zero times (N <= BLOCK), and with the tail step
+after it the accumulator's zero-trip value (tl.zeros) is materialised on the loop's bypass edge, right
+before the exit block's wgmma wait. ptxas then reports C7515 ("wgmma.mma_async instructions are serialized
+due to non wgmma instructions defining accumulator registers of a wgmma between start and end of the
+pipeline stage") and waits for every wgmma group as soon as it is issued (triton 3.6 and 3.8 alike). With
+the tail step first, the loop's incoming accumulator is that step's wgmma result, nothing else writes it,
+and the accumulating dot (P V, dS K, dS^T Q, (P Z)^T dO) stays in flight across the loop's back edge, over
+the next tile's loads, until the next Q K^T result is needed. Triton itself waits (wait 0) right after any
+dot whose result the same iteration reads (Q K^T, dO V^T), so no wait in these loops leaves groups pending.
 
 Head dims: any d in 1..MAX_HEAD_DIM; the tile width is BLOCK_D = max(16, next_pow2(d)) and the padding
 columns are masked (loaded as 0, never stored), so 80 / 88 / 96 run in 128-wide tiles.
@@ -166,16 +177,16 @@ def _fwd_rows(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (N_KV - 1) // BLOCK_N * BLOCK_N  # the last tile, full or not, is the masked tail step
+    n_full = (N_KV - 1) // BLOCK_N * BLOCK_N  # the last tile, full or not: the masked tail step, run first
+    acc, l_i, m_i = _fwd_kv_step(
+        acc, l_i, m_i, q, q_rows, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
+        dropout_p, HEAD_DIM, EVEN_D, TAIL_N, True, DROPOUT, DOT_PRECISION,
+    )  # fmt: skip
     for kv_start in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_kv_step(
             acc, l_i, m_i, q, q_rows, K, V, kv_start, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
             dropout_p, HEAD_DIM, EVEN_D, BLOCK_N, False, DROPOUT, DOT_PRECISION,
         )  # fmt: skip
-    acc, l_i, m_i = _fwd_kv_step(
-        acc, l_i, m_i, q, q_rows, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
-        dropout_p, HEAD_DIM, EVEN_D, TAIL_N, True, DROPOUT, DOT_PRECISION,
-    )  # fmt: skip
 
     out = acc / l_i[:, None]
     if DROPOUT:
@@ -295,16 +306,16 @@ def _bwd_dq_rows(
     lse2 = lse * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (N_KV - 1) // BLOCK_N * BLOCK_N  # the last tile, full or not, is the masked tail step
+    n_full = (N_KV - 1) // BLOCK_N * BLOCK_N  # the last tile, full or not: the masked tail step, run first
+    dq = _bwd_dq_kv_step(
+        dq, q, do, lse2, delta, q_rows, N_Q, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
+        dropout_p, HEAD_DIM, EVEN_D, MASK_M, TAIL_N, True, DROPOUT, DOT_PRECISION, RELOAD,
+    )  # fmt: skip
     for kv_start in range(0, n_full, BLOCK_N):
         dq = _bwd_dq_kv_step(
             dq, q, do, lse2, delta, q_rows, N_Q, K, V, kv_start, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
             dropout_p, HEAD_DIM, EVEN_D, MASK_M, BLOCK_N, False, DROPOUT, DOT_PRECISION, RELOAD,
         )  # fmt: skip
-    dq = _bwd_dq_kv_step(
-        dq, q, do, lse2, delta, q_rows, N_Q, K, V, n_full, cols_d, stride_kn, stride_vn, N_KV, qk_scale, seed_bh,
-        dropout_p, HEAD_DIM, EVEN_D, MASK_M, TAIL_N, True, DROPOUT, DOT_PRECISION, RELOAD,
-    )  # fmt: skip
     dq = dq * scale
     _store_tile(DQ + q_rows.to(tl.int64)[:, None] * stride_dqn + cols_d[None, :], dq, q_rows, N_Q, cols_d, HEAD_DIM, MASK_M, not EVEN_D)
 
@@ -420,16 +431,16 @@ def _bwd_dkdv_rows(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    n_full = (N_Q - 1) // BLOCK_M * BLOCK_M  # the last tile, full or not, is the masked tail step
+    n_full = (N_Q - 1) // BLOCK_M * BLOCK_M  # the last tile, full or not: the masked tail step, run first
+    dk, dv = _bwd_dkdv_q_step(
+        dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, n_full, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale,
+        seed_bh, dropout_p, HEAD_DIM, EVEN_D, MASK_N, TAIL_M, True, DROPOUT, DOT_PRECISION, RELOAD,
+    )  # fmt: skip
     for q_start in range(0, n_full, BLOCK_M):
         dk, dv = _bwd_dkdv_q_step(
             dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, q_start, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale,
             seed_bh, dropout_p, HEAD_DIM, EVEN_D, MASK_N, BLOCK_M, False, DROPOUT, DOT_PRECISION, RELOAD,
         )  # fmt: skip
-    dk, dv = _bwd_dkdv_q_step(
-        dk, dv, k, v, kv_rows, Q, DO, LSE, Delta, n_full, cols_d, stride_qn, stride_don, N_Q, N_KV, qk_scale,
-        seed_bh, dropout_p, HEAD_DIM, EVEN_D, MASK_N, TAIL_M, True, DROPOUT, DOT_PRECISION, RELOAD,
-    )  # fmt: skip
     dk = dk * scale
     _store_tile(DK + kv_rows.to(tl.int64)[:, None] * stride_dkn + cols_d[None, :], dk, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
     _store_tile(DV + kv_rows.to(tl.int64)[:, None] * stride_dvn + cols_d[None, :], dv, kv_rows, N_KV, cols_d, HEAD_DIM, MASK_N, not EVEN_D)
