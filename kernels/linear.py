@@ -33,8 +33,14 @@ Design:
   the zero-trip path's accumulator initialisation after the loop and ptxas serialises every wgmma
   (warning C7515; WARPGROUP.DEPBAR 0x0 after each HGMMA, so the tensor cores never overlap the loads
   and the prologue). With it the forward and dx loops keep 1-3 wgmma groups in flight (compile_configs
-  marks them async_wgmma: fastvit.inspect and tests/test_compile.py check it). The weight-gradient
-  loops still wait after each wgmma (their transposed A tile is staged through one buffer).
+  marks them async_wgmma: fastvit.inspect and tests/test_compile.py check it). So do the weight-gradient
+  loops, given two things. dy^T's rows are dy's columns, contiguous: the JIT specialises N as a multiple
+  of 16 (every ViT width), so the row-masked loads vectorise to 16-byte cp.async and Triton pipelines
+  them (at N = 1000, the head's, they stay scalar loads staged through one shared buffer: serialised).
+  And wgmma reads B from shared memory, so a LayerNorm-ed x tile computed in registers goes through one
+  buffer each K-step overwrites: where dy needs no prologue (qkv's dW) the loop accumulates dW^T =
+  LN(x)^T dy instead (SWAP_AB), the LN-ed tile then being the register operand; fc1's, with a dGELU
+  prologue on dy too, still waits after each wgmma.
 - Plain pointer loads. Tensor descriptors (TMA) compile on triton 3.6 and run in its interpreter, but in
   AOT compiles they only trim address arithmetic (87 vs ~100 instructions per K-step); not adopted
   until a GPU measurement says they pay. On sm_90 tl.dot lowers to wgmma (HGMMA) for BLOCK_M >= 64 and
@@ -272,7 +278,15 @@ def _linear_kernel(
     if ROWSUM_DU:
         RowSumU += pid_k.to(tl.int64) * M
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # wgmma reads its B operand from shared memory: a B tile computed in registers (LN_B) is stored to one
+    # shared buffer that every K-step overwrites, so Triton waits for each wgmma before the next. When A
+    # is dy as loaded (no dz prologue), the K loop accumulates C^T = B^T A^T instead: the LayerNorm-ed tile
+    # becomes the register operand and dy^T the B operand, straight from the pipelined shared buffers.
+    SWAP_AB: tl.constexpr = LN_B and ACTIVATION == "none" and not HAS_SCALE and not DROPOUT
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_sum_u = tl.zeros([BLOCK_M], dtype=tl.float32)
     if LN_A and STATS_IN:  # A's rows are x's rows: their statistics are loop-invariant
@@ -320,7 +334,12 @@ def _linear_kernel(
                                  LnW, LnB, HAS_LN_W, HAS_LN_B)  # fmt: skip
             if ZERO_PADS:
                 b = tl.where(b_mask, b, 0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        if SWAP_AB:
+            acc = tl.dot(tl.trans(b.to(DOT_DTYPE)), tl.trans(a.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     # the row sums span all of K in every program; the first column-block writes them
     if ROWSUM_DZ:
@@ -657,6 +676,8 @@ def compile_configs():
         "dx plain": ({"A", "B"}, dict(GRAD_A=True)),
         "dx through gelu": ({"A", "B", "Z"}, dict(GRAD_A=True, ACTIVATION="gelu")),
         "dW+db": ({"A", "B", "RowSum"}, dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True)),
+        "dW+db, LN(x)": ({"A", "B", "RowSum", "LnW", "LnB", "Mean", "Rstd"},
+                         dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, LN_B=True, HAS_LN_W=True, HAS_LN_B=True)),
         "dW+db through gelu, LN(x)": ({"A", "B", "RowSum", "Z", "LnW", "LnB", "Mean", "Rstd"},
                                       dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, ACTIVATION="gelu", LN_B=True,
                                            HAS_LN_W=True, HAS_LN_B=True)),
@@ -697,6 +718,9 @@ def compile_configs():
             units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")
             ints = {name: t for name, t in ints.items() if name not in units}
             for tile_m in (50432, 394):
+                # the weight gradients' M is the forward's N (a ViT width: the JIT specialises it as a
+                # multiple of 16, which lets dy^T's masked loads vectorise) and their K its tile_m rows
+                sizes = dict(M="i32:16", K="i32:16" if tile_m % 16 == 0 else "i32") if trans else {}
                 tile = _fit_to_fusions(_default_tile(tile_m, 768, torch_dtype), {**off, **flags})
                 constexprs = {name: None for name in pointers if name not in types}
                 constexprs.update({name: 1 for name in units})
@@ -705,11 +729,13 @@ def compile_configs():
                 # K is a ViT width, except for the weight gradients' reduction over M rows
                 constexprs["EVEN_K"] = tile_m % tile["BLOCK_K"] == 0 if trans else True
                 has_ln = flags.get("LN_A") or flags.get("LN_B")
+                # a LayerNorm-ed B next to a dz prologue (fc1's weight gradient) keeps the wgmma serialised
+                serial = flags.get("LN_B", False) and flags.get("ACTIVATION", "none") != "none"
                 for archs in ((90,), (80,)) if has_ln else ((90, 80),):  # ZERO_PADS before sm_90 only
                     constexprs["ZERO_PADS"] = has_ln and archs == (80,)
                     configs.append(KernelConfig(
-                        _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **ints},
+                        _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **ints, **sizes},
                         constexprs=dict(constexprs), num_warps=tile["num_warps"], num_stages=tile["num_stages"],
-                        archs=archs, async_wgmma=not trans,
+                        archs=archs, async_wgmma=not serial,
                     ))  # fmt: skip
     return configs

@@ -158,12 +158,13 @@ def test_fc2_vit_base_shape_forward():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("spec", [dict(ln=True, bias=True, activation="gelu"),
-                                  dict(bias=True, residual=True, layer_scale=True)], ids=["ln_fc1", "fc2_ls"])
+@pytest.mark.parametrize("spec", [dict(ln=True, bias=True, activation="gelu"), dict(ln=True, bias=True),
+                                  dict(bias=True, residual=True, layer_scale=True)], ids=["ln_fc1", "ln_qkv", "fc2_ls"])
 def test_split_k_weight_gradients(monkeypatch, spec, dtype):
     """The weight-gradient GEMM split over 3 slices of its 397-row reduction (the last one ragged), as on a
     GPU when its grid is too small to fill the SMs: dW, db and dls from the fp32 partials still hold the
-    flash rule against fp64 (with the LayerNorm re-applied to x in each slice), and reruns are bitwise."""
+    flash rule against fp64 (with the LayerNorm re-applied to x in each slice; ln_qkv accumulates dW^T,
+    SWAP_AB), and reruns are bitwise."""
     from fastvit.kernels import linear as linear_kernels
 
     monkeypatch.setattr(linear_kernels, "_INTERPRETER_TILE", dict(linear_kernels._INTERPRETER_TILE, SPLIT_K=3))
