@@ -14,9 +14,9 @@ driver, no device), and reads the cubin with the cuobjdump / nvdisasm that ship 
                     the arch's per-block maximum (max_shared_memory)
     has_hgmma       Hopper warpgroup MMA (wgmma) in the SASS: the sm_90 tensor-core path
     has_hmma        warp-level MMA (mma.sync) in the SASS: the sm_80 tensor-core path
-    wgmma_serialized  every wgmma wait drains to 0 (WARPGROUP.DEPBAR.LE gsb0, 0x0): no HGMMA overlaps
-                    anything, the tensor cores idle through every load and prologue; a problem for a
-                    config that promises async_wgmma
+    wgmma_serialized  every loop waits for each of its wgmma groups to drain (WARPGROUP.DEPBAR.LE gsb0,
+                    0x0 per group): no HGMMA overlaps anything, the tensor cores idle through every load
+                    and prologue (ptxas C7515); a problem for a config that promises async_wgmma
 
 Every @triton.jit function named `_*_kernel` must appear in at least one production config; one that
 does not gets a row per arch with compiled False and error "no production config".
@@ -129,11 +129,27 @@ def _read_cubin(cubin: bytes):
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage.stdout))
     spills = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
     has_hgmma = bool(re.search(r"\bHGMMA\.", sass))
-    # wgmma waits: an asynchronous pipeline leaves groups in flight somewhere (a wait on 0x1 or more);
-    # when every wait drains to 0x0 each HGMMA runs alone (ptxas C7515)
-    waits = re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+)", sass)
-    serialized = has_hgmma and all(int(w, 16) == 0 for w in waits)
-    return int(fields["REG"]), spills, has_hgmma, bool(re.search(r"\bHMMA\.", sass)), serialized
+    return int(fields["REG"]), spills, has_hgmma, bool(re.search(r"\bHMMA\.", sass)), _wgmma_serialized(sass)
+
+
+def _wgmma_serialized(sass: str) -> bool:
+    """Whether every loop with wgmma runs each wgmma group alone: as many waits that drain to 0
+    (WARPGROUP.DEPBAR.LE gsb0, 0x0) as groups (HGMMA ... gsb0) and no wait that leaves one in flight.
+    That is what ptxas makes of a loop it must serialise (warning C7515); a pipelined loop keeps at least
+    one group in flight across some wait (a wait > 0, or fewer waits than groups)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = []
+    for i, line in enumerate(lines):  # a loop: a backward branch to a label
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if target and labels.get(target.group(1), i) < i:
+            body = "\n".join(lines[labels[target.group(1)]:i + 1])
+            groups = len(re.findall(r"HGMMA\.[^\n]*gsb0", body))
+            if groups:
+                drained = len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", body))
+                in_flight = len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x[1-9a-f]", body))
+                loops.append(drained >= groups and not in_flight)
+    return bool(loops) and all(loops)
 
 
 def _summary(error):

@@ -702,8 +702,9 @@ def _kernel_config(name, arch, head_dim, dtype, dropout, shape, archs, n_ctx=197
     }  # fmt: skip
     tiles = "x".join(map(str, shape[:2])) + f" w{shape[2]} s{shape[3]}"
     label = f"{name} N={n_ctx} d={head_dim} {dtype}{' dropout' if dropout else ''} sm_{arch} table {tiles}"
+    # async_wgmma: each loop's tail step runs first, so no loop waits for every wgmma group (module docstring)
     return KernelConfig(kernel, "attention", label, types, constexprs, num_warps=num_warps, num_stages=num_stages,
-                        archs=archs)
+                        archs=archs, async_wgmma=True)
 
 
 def compile_configs():

@@ -90,9 +90,10 @@ def test_gemm_and_attention_use_tensor_cores():
 
 
 def test_promised_wgmma_pipelines_stay_asynchronous():
-    """Configs marked async_wgmma (the linear kernel's forward and dx GEMMs) keep wgmma groups in flight on
-    sm_90: a loop whose every WARPGROUP.DEPBAR drains to 0 leaves the tensor cores idle through each
-    load and prologue (what triton 3.6 did before the K loop's trip count was made provably >= 1)."""
+    """Configs marked async_wgmma (every linear GEMM but fc1's weight gradient, whose two register-computed
+    operands force a single shared buffer; every attention kernel) keep wgmma groups in flight on sm_90: a
+    loop that waits for each of its groups to drain leaves the tensor cores idle through each load and
+    prologue (what triton 3.6 made of loops whose trip count was not provably >= 1: ptxas C7515)."""
     serialised = _failures(lambda row: row["compiled"] and row["arch"] == "sm_90" and row["async_wgmma"]
                            and row["wgmma_serialized"] and "every wgmma waits for the previous one")
     assert not serialised, "\n".join(serialised)

@@ -97,3 +97,20 @@ def test_missing_config_is_reported(tmp_path, monkeypatch):
         ("_orphan_kernel", "sm_90", False, fv_inspect.NO_CONFIG),
         ("_orphan_kernel", "sm_80", False, fv_inspect.NO_CONFIG),
     ]
+
+
+def _sass_loop(*body):
+    """A minimal nvdisasm-style loop: a label, the body lines, a backward branch to the label."""
+    return "\n".join([".L_x_1:", *(f"        /*0000*/  {line} ;" for line in body), "        /*0000*/  BRA `(.L_x_1) ;"])
+
+
+@pytest.mark.parametrize("body, serialised", [
+    (["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+      "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0"], True),
+    (["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1"], False),
+    (["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+      "HGMMA.64x64x16.F32.BF16 R56, R88, gdesc[UR8], R56, gsb0"], False),  # the second group stays in flight
+    (["FFMA R1, R2, R3, R4"], False),  # no wgmma in the loop
+])  # fmt: skip
+def test_wgmma_serialised_means_every_group_drains_alone(body, serialised):
+    assert fv_inspect._wgmma_serialized(_sass_loop(*body)) is serialised
