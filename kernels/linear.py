@@ -159,7 +159,7 @@ def _combine_group_stats(Stats, stride_s_kind, stride_s_group, stride_s_row, row
                          BLOCK_M: tl.constexpr):
     """LayerNorm's fp32 (mean, rstd) of rows of x (., D) from the per-group partials that the GEMM which
     wrote x stored (_store_group_stats): the parallel-variance combination of Chan et al., which stays
-    exact-ish for rows whose mean is far larger than their spread (no E[x^2] - E[x]^2 cancellation)."""
+    accurate for rows whose mean is far larger than their spread (no E[x^2] - E[x]^2 cancellation)."""
     stats_rows = Stats + rows * stride_s_row
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     for group in range(0, tl.cdiv(D, STATS_GROUP)):
