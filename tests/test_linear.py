@@ -9,6 +9,8 @@ program groups; the biggest shapes run once, in bf16, because interpreter time s
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.testing
 from conftest import DEVICE, DTYPES, assert_close, assert_error_within, tolerance
 
 from fastvit import count_launches
@@ -448,3 +450,43 @@ def test_custom_ops_pass_opcheck():
                     None if ln else ls.detach(), ln_w.detach() if ln else None, ln_b.detach() if ln else None,
                     mean, rstd, seed, "gelu", 0.2, ln, [True, True, True, not ln, ln, ln])  # fmt: skip
         torch.library.opcheck(_linear_bwd, bwd_args)
+
+
+def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatch):
+    """The CUDA-only tile pick, run on CPU with the device queries faked: for ViT-B proj's dW (768 x 768 out,
+    50432-row reduction) on 132 SMs every candidate is also timed with K split (about one wave), the
+    fastest (here: a fake timer favouring more programs) wins and is cached; GEMMs that cannot split and
+    FASTVIT_AUTOTUNE=0 never split."""
+    import types
+
+    from fastvit.kernels import linear as linear_kernels
+
+    monkeypatch.setattr(linear_kernels, "is_interpreter", lambda: False)
+    monkeypatch.setattr(linear_kernels, "_tuned", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    tried = []
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        tile = tried[-1]
+        return 1.0 / (triton.cdiv(768, tile["BLOCK_M"]) * triton.cdiv(768, tile["BLOCK_N"]) * tile.get("SPLIT_K", 1))
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False)
+    key = (tuple(flags.items()), "proj dW")
+    picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, True)
+    splits = {t["SPLIT_K"] for t in tried}
+    assert 1 in splits and max(splits) > 1 and picked["SPLIT_K"] == max(splits), tried
+    tiles = triton.cdiv(768, picked["BLOCK_M"]) * triton.cdiv(768, picked["BLOCK_N"])
+    assert tiles * picked["SPLIT_K"] <= 132, picked
+    assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, True) is picked  # cached
+
+    monkeypatch.setattr(linear_kernels, "_tuned", {})
+    tried.clear()
+    unsplit = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, False)
+    assert unsplit["SPLIT_K"] == 1 and {t["SPLIT_K"] for t in tried} == {1}
+    monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")
+    monkeypatch.setattr(linear_kernels, "_tuned", {})
+    assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, False)["SPLIT_K"] == 1
