@@ -89,6 +89,11 @@ def _model_parity(torch):
     return rows, launches, cfg
 
 
+def _per_kernel(launches) -> str:
+    """'_kernel_a x2, _kernel_b x9' for a fastvit.count_launches counter."""
+    return ", ".join(f"{k} x{v}" for k, v in sorted(launches.by_kernel.items()))
+
+
 def _vit_base_traffic(torch) -> str:
     """Launches and modelled HBM bytes of a ViT-B/16 bf16 forward at batch 256: a dry run through the
     interpreter (launches counted, programs not run), so the full size costs only allocations."""
@@ -97,9 +102,8 @@ def _vit_base_traffic(torch) -> str:
     model = fastvit.create_model("vit_base_patch16_224").eval().bfloat16()
     with torch.inference_mode(), fastvit.count_launches(dry_run=True) as launches:
         model(torch.empty(256, 3, 224, 224, dtype=torch.bfloat16))
-    per_kernel = ", ".join(f"{k} x{v}" for k, v in sorted(launches.by_kernel.items()))
     return (f"\nViT-B/16 forward, batch 256, bf16 (counted without running): {launches.total} launches "
-            f"({per_kernel}),\n{launches.bytes / 1e9:.1f} GB modelled HBM traffic (each launch's tensors moved "
+            f"({_per_kernel(launches)}),\n{launches.bytes / 1e9:.1f} GB modelled HBM traffic (each launch's tensors moved "
             f"once; `pytest benchmarks/` compares timm eager under the same model)")  # fmt: skip
 
 
@@ -131,8 +135,7 @@ def demo_cpu():
     rows, launches, cfg = _model_parity(torch)
     print(f"\nWhole-model parity, tiny ViT {cfg}:")
     _table(rows, ("comparison", "max |err| logits"))
-    per_kernel = ", ".join(f"{k} x{v}" for k, v in sorted(launches.by_kernel.items()))
-    print(f"\nTriton launches per forward: {launches.total} for depth {cfg['depth']} ({per_kernel})")
+    print(f"\nTriton launches per forward: {launches.total} for depth {cfg['depth']} ({_per_kernel(launches)})")
     print(_vit_base_traffic(torch))
 
     print("\nCPU throughput, vit_tiny_patch16_224, batch 8, fp32, inference (torch fallback backend):")
