@@ -276,13 +276,13 @@ class VisionTransformer(nn.Module):
         last GEMM emitted to the next one's norm1; a block with hooks is called as a module instead."""
         x_stats = None
         for block in self.blocks:
-            if has_hooks(block):
-                x, x_stats = block(x), None
-            elif self.grad_checkpointing and torch.is_grad_enabled():
-                x, x_stats = torch.utils.checkpoint.checkpoint(block_forward, block, x, x_stats, True,
-                                                               use_reentrant=False)  # fmt: skip
+            hooked = has_hooks(block)
+            call, args = (block, (x,)) if hooked else (block_forward, (block, x, x_stats, True))
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                out = torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False)
             else:
-                x, x_stats = block_forward(block, x, x_stats, return_stats=True)
+                out = call(*args)
+            x, x_stats = (out, None) if hooked else out
         return x, x_stats
 
     @staticmethod

@@ -118,11 +118,18 @@ def test_blocks_with_hooks_still_run_them_and_match():
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
+    """Same logits and gradients with checkpointing, and every block is recomputed in the backward, a
+    block with hooks (called as a module) included: its pre-hook fires once more per step (a post-hook
+    may not: the recomputation stops as soon as the saved tensors are rebuilt)."""
     kwargs, model, _ = build({})
     images = image_batch(kwargs)
     logits, grads = gradients(model, images)
     model.set_grad_checkpointing(True)
+    calls = []
+    handle = model.blocks[1].register_forward_pre_hook(lambda module, args: calls.append(1))
     logits_ckpt, grads_ckpt = gradients(model, images)
+    handle.remove()
+    assert len(calls) == 2, "the hooked block was not recomputed in the backward (not checkpointed)"
     assert torch.equal(logits, logits_ckpt)
     for n in grads:
         assert_close(grads_ckpt[n], grads[n], atol=1e-6, rtol=1e-6, name=n)
