@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from fastvit.launches import distinct_tensor_bytes
+from fastvit.launches import LaunchCounter, distinct_tensor_bytes
 
 HAS_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 NO_GPU_REASON = "no CUDA GPU (or TRITON_INTERPRET=1): GPU timings skipped; interpreter time is not performance"
@@ -122,16 +122,6 @@ def assert_close_rel(actual, expected, rel, name="output"):
 # --------------------------------------------------------------------------- launch / byte counting
 
 
-@dataclasses.dataclass
-class Count:
-    by_kernel: dict
-    bytes: int
-
-    @property
-    def launches(self):
-        return sum(self.by_kernel.values())
-
-
 @contextlib.contextmanager
 def count_triton():
     """Count every Triton kernel launch in the block and the bytes of its tensor arguments (each tensor
@@ -160,10 +150,10 @@ def count_eager():
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    count = Count({}, 0)
+    count = LaunchCounter()  # the same tallies fastvit.count_launches keeps for Triton launches
 
     def record(name, tensors):
-        count.by_kernel[name] = count.by_kernel.get(name, 0) + 1
+        count.by_kernel[name] += 1
         count.bytes += distinct_tensor_bytes(tensors)
 
     class FusedSDPA(TorchFunctionMode):
@@ -187,7 +177,7 @@ def count_eager():
         yield count
 
 
-def record_count(case, provider, count: Count, **extra):
+def record_count(case, provider, count: LaunchCounter, **extra):
     COUNTS.append({"case": case, "provider": provider, "launches": count.launches, "bytes": count.bytes,
                    "by_kernel": dict(count.by_kernel), **extra})  # fmt: skip
 
