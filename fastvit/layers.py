@@ -17,6 +17,7 @@ its norm1 take a statistics pass.
 """
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as torch_module
 
 from fastvit import ops
 
@@ -136,8 +137,6 @@ def block_forward(block: nn.Module, x: torch.Tensor, x_stats=None, return_stats:
 def has_hooks(module: nn.Module) -> bool:
     """Whether calling `module` would run hooks (its own or global ones): then it must be called as a
     module, not through block_forward, so the hooks see what they expect."""
-    from torch.nn.modules import module as torch_module
-
     return bool(
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         or module._backward_pre_hooks or torch_module._global_forward_hooks
