@@ -10,11 +10,15 @@ One block forward, as launches (training adds dropout inside the same launches):
     [LN1 > QKV GEMM + bias]  [attention on packed qkv]  [proj GEMM + bias (+ LayerScale) + residual]
     [LN2 > fc1 GEMM + bias > GELU]  [fc2 GEMM + bias (+ LayerScale) + residual]
 
+The last two are one op, ops.layer_norm_mlp, whose backward forms GELU's gradient once in fc2's dx GEMM.
+
 LayerNorm's row statistics need no launch of their own: each residual GEMM's epilogue stores its
 output's per-column-group (mean, M2) partials, and the next LayerNorm > GEMM combines them in its
 prologue. Only a block whose input comes from elsewhere (the stem, hooks, active stochastic depth) has
 its norm1 take a statistics pass.
 """
+import functools
+
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as torch_module
@@ -95,21 +99,20 @@ def _drop_path_active(drop_path: nn.Module) -> bool:
     return drop_path.training and float(getattr(drop_path, "drop_prob", 0.0)) > 0.0
 
 
-def _residual_linear(x, linear, layer_scale, drop_path, dropout, residual):
-    """(residual + drop_path(layer_scale * dropout(linear(x))), its row statistics or None): one GEMM
-    launch unless drop_path is active.
+def _residual_branch(branch, layer_scale, drop_path, dropout, residual):
+    """(residual + drop_path(branch), its row statistics or None) for a branch op (ops.linear or
+    ops.layer_norm_mlp, with every other argument bound) that takes residual, layer_scale, dropout_p and
+    return_stats: one op call, its residual add fused, unless drop_path is active.
 
     Stochastic depth scales each sample's branch by 0 or 1/(1-p) before the add, so while it is active
     the add runs in PyTorch (and the next LayerNorm takes its own statistics); in eval (and at
     drop_path_rate 0) the residual add is fused in the epilogue, which also emits the output's
     LayerNorm statistics for the next layer_norm_linear.
     """
-    gamma = getattr(layer_scale, "gamma", None)
-    p = _active_p(dropout)
+    gamma, p = getattr(layer_scale, "gamma", None), _active_p(dropout)
     if _drop_path_active(drop_path):
-        return residual + drop_path(ops.linear(x, linear.weight, linear.bias, layer_scale=gamma, dropout_p=p)), None
-    return ops.linear(x, linear.weight, linear.bias, residual=residual, layer_scale=gamma, dropout_p=p,
-                      return_stats=True)  # fmt: skip
+        return residual + drop_path(branch(layer_scale=gamma, dropout_p=p)), None
+    return branch(residual=residual, layer_scale=gamma, dropout_p=p, return_stats=True)
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, x_stats=None, return_stats: bool = False):
@@ -120,17 +123,23 @@ def block_forward(block: nn.Module, x: torch.Tensor, x_stats=None, return_stats:
     return_stats=True returns (x, x's statistics or None), for the next block's x_stats: chained this way
     a block is exactly the five launches above.
     """
-    attn, mlp = block.attn, block.mlp
-    qkv = ops.layer_norm_linear(x, block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.qkv.bias,
-                                eps=block.norm1.eps, x_stats=x_stats)  # (B, N, 3D)  # fmt: skip
+    attn, mlp, norm1, norm2 = block.attn, block.mlp, block.norm1, block.norm2
+    qkv = ops.layer_norm_linear(x, norm1.weight, norm1.bias, attn.qkv.weight, attn.qkv.bias, eps=norm1.eps,
+                                x_stats=x_stats)  # (B, N, 3D)  # fmt: skip
     o = ops.qkv_attention(qkv, attn.num_heads, scale=attn.scale, dropout_p=_active_p(attn.attn_drop))  # (B, N, D)
-    x, x_stats = _residual_linear(o, attn.proj, block.ls1, block.drop_path1, attn.proj_drop, x)
+    proj = functools.partial(ops.linear, o, attn.proj.weight, attn.proj.bias)
+    x, x_stats = _residual_branch(proj, block.ls1, block.drop_path1, attn.proj_drop, x)
 
-    h = ops.layer_norm_linear(x, block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
-                              eps=block.norm2.eps, activation=gelu_name(mlp.act), x_stats=x_stats)  # (B, N, hidden)  # fmt: skip
-    if _active_p(mlp.drop1):
-        h = mlp.drop1(h)
-    x, x_stats = _residual_linear(h, mlp.fc2, block.ls2, block.drop_path2, mlp.drop2, x)
+    activation = gelu_name(mlp.act)
+    if _active_p(mlp.drop1):  # dropout between GELU and fc2, in PyTorch: the MLP as its two ops
+        h = ops.layer_norm_linear(x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias, eps=norm2.eps,
+                                  activation=activation, x_stats=x_stats)  # (B, N, hidden)  # fmt: skip
+        branch = functools.partial(ops.linear, mlp.drop1(h), mlp.fc2.weight, mlp.fc2.bias)
+    else:  # one op, whose backward forms GELU's gradient once (fastvit/ops/mlp.py)
+        branch = functools.partial(ops.layer_norm_mlp, x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
+                                   mlp.fc2.weight, mlp.fc2.bias, eps=norm2.eps, activation=activation,
+                                   x_stats=x_stats)  # fmt: skip
+    x, x_stats = _residual_branch(branch, block.ls2, block.drop_path2, mlp.drop2, x)
     return (x, x_stats) if return_stats else x
 
 

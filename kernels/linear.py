@@ -20,6 +20,14 @@ dGELU is fused from the *saved* pre-activation z (the tensor eager's GELU saves 
 recompute would be a third GEMM. The dropout mask is never stored: tl.rand(seed, m * N + n) gives the same
 keep decision in the forward epilogue and in both backward prologues.
 
+Where the GEMM that consumes a GELU's output is known (the MLP: fc2 reads fc1's h = GELU(z)), dGELU moves
+to that GEMM's dx *epilogue* instead (PREACT_GRAD): dz = (dy W2) * GELU'(z) is formed once per element
+and stored in place of dh, and fc1's gradient GEMMs read dz with no prologue (fastvit/ops/mlp.py). In
+the prologue every column-block program recomputes it: at ViT-B widths 12 times per element, and the
+K-step of fc1's dx GEMM is 809 SASS instructions for 2 HGMMA (BLOCK_K halved) instead of 115 for 4; its
+dW GEMM's wgmma wait after each step (905 instructions for 1 HGMMA at BLOCK_K = 16 against 514 for 4,
+3 groups in flight; sm_90, triton 3.6, bf16, default tiles).
+
 Design:
 - Program (pid_m, pid_n) owns a BLOCK_M x BLOCK_N tile of the output and walks K in BLOCK_K steps; programs
   are ordered in groups of GROUP_M row-blocks so neighbouring programs share A and B tiles in L2.
@@ -203,7 +211,8 @@ def _grad_prologue(dy, dy_rows, dy_cols, mask, col_mask, Z, stride_zm, Scale, Se
 @triton.jit
 def _linear_kernel(
     C,  # (M, N) output, row stride stride_cm, unit column stride; split-K: (splits, M, N) fp32 partials
-    Preact,  # (M, N) output with C's strides: z before the activation (SAVE_PREACT), or None
+    Preact,  # (M, N) with C's strides: z before the activation, stored (SAVE_PREACT) in a forward, or read
+    # (PREACT_GRAD) in a dx GEMM whose x was act(z); else None
     RowSum,  # (M,) fp32 output: sum over k of the prologue's dz (ROWSUM_DZ: db in the dW GEMM), or None;
     # split-K: (splits, M) partial sums
     RowSumU,  # (M,) fp32 output: sum over k of d * u (ROWSUM_DU: dls in the dW GEMM), or None; likewise
@@ -243,6 +252,7 @@ def _linear_kernel(
     DROPOUT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
+    PREACT_GRAD: tl.constexpr,  # "none", or the activation that made this dx GEMM's x from Preact: store dx * act'(z)
     STATS_OUT: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
     ZERO_PADS: tl.constexpr,  # zero a LayerNorm-ed tile's padded lanes (before sm_90: unmasked, it spills)
@@ -353,6 +363,8 @@ def _linear_kernel(
         acc += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if SAVE_PREACT:
         tl.store(Preact + c_offsets, acc.to(Preact.dtype.element_ty), mask=c_mask)
+    if PREACT_GRAD != "none":  # the gradient of the producer's pre-activation, formed once per element here
+        acc *= _activation_grad(tl.load(Preact + c_offsets, mask=c_mask, other=0.0).to(tl.float32), PREACT_GRAD)
     if not GRAD_A:
         acc = _activation(acc, ACTIVATION)
     if DROPOUT and not GRAD_A:
@@ -428,18 +440,25 @@ def _default_tile(M: int, N: int, dot_dtype: torch.dtype) -> dict:
 def _fit_to_fusions(tile: dict, flags: dict) -> dict:
     """Shrink a tile where the fusions hold many live fp32 values per element, so nothing spills (checked
     by compile_configs on sm_90 and sm_80): a GELU / dropout / layer-scale gradient prologue halves
-    BLOCK_K, and more when B is LayerNorm-ed too (on sm_80 both operands then pass through registers);
-    epilogue dropout (philox per element) caps BLOCK_N at 64."""
+    BLOCK_K, and more when B is LayerNorm-ed too (on sm_80 both operands then pass through registers); a
+    LayerNorm-ed B runs at most 3 stages (2 next to a dz prologue in fp32); epilogue dropout (philox per
+    element) caps BLOCK_N at 64, and so does an activation gradient in the epilogue (PREACT_GRAD: erf and
+    exp per element) on fp32 tiles (16-bit ones fit, at 255 registers). Checked with triton 3.6 and 3.8."""
     tile = dict(tile)
     heavy_a = flags["GRAD_A"] and (flags["ACTIVATION"] != "none" or flags["DROPOUT"] or flags["HAS_SCALE"])
     if heavy_a and flags["LN_B"] and tile["BLOCK_K"] > 32:  # 16-bit: 64 -> 16
         tile["BLOCK_K"] //= 4
-    elif heavy_a and flags["LN_B"]:  # fp32: 32 -> 16 (tl.dot's minimum), and a narrower tile
+    elif heavy_a and flags["LN_B"]:  # fp32: 32 -> 16 (tl.dot's minimum), a narrower tile, 2 stages
         tile["BLOCK_K"] //= 2
         tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
+        tile["num_stages"] = 2
     elif heavy_a:
         tile["BLOCK_K"] //= 2
+    if flags["LN_B"]:  # the LayerNorm-ed operand's statistics and affine stay live across the stages
+        tile["num_stages"] = min(tile["num_stages"], 3)
     if flags["DROPOUT"] and not flags["GRAD_A"]:
+        tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
+    if flags["PREACT_GRAD"] != "none" and flags["DOT_DTYPE"] == tl.float32:
         tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
     return tile
 
@@ -496,10 +515,11 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split) -> dict:
 def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, preact=None,
           row_sum=None, row_sum_u=None, stats_out=None, bias=None, residual=None, scale=None, ln_weight=None,
           ln_bias=None, mean=None, rstd=None, stats_in=None, eps=0.0, seed=None, z=None, ln_a=False, ln_b=False,
-          grad_a=False, trans_a=False, activation="none"):
+          grad_a=False, trans_a=False, activation="none", preact_activation="none"):
     """out (M, N) = epilogue(prologue(A) @ prologue(B)) with A (M, K), B (K, N) given by their strides.
 
-    out, preact: contiguous (M, N); residual, z: unit column stride; stats_out: contiguous
+    out, preact: contiguous (M, N); preact is written, or with preact_activation != "none" read (out is
+    then multiplied by preact_activation'(preact)); residual, z: unit column stride; stats_out: contiguous
     (2, cdiv(N, STATS_GROUP), M); stats_in: (2, cdiv(K, STATS_GROUP), M), any strides, with mean and rstd
     then written. Flags follow the pointers given."""
     flags = dict(
@@ -507,7 +527,8 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         HAS_LN_B=ln_bias is not None, GRAD_A=grad_a, TRANS_A=trans_a, ROWSUM_DZ=row_sum is not None,
         ROWSUM_DU=row_sum_u is not None, HAS_BIAS=bias is not None, ACTIVATION=activation,
         HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0, HAS_RESIDUAL=residual is not None,
-        SAVE_PREACT=preact is not None, STATS_OUT=stats_out is not None,
+        SAVE_PREACT=preact is not None and preact_activation == "none", PREACT_GRAD=preact_activation,
+        STATS_OUT=stats_out is not None,
         DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision(dot_dtype),
     )
 
@@ -608,7 +629,7 @@ def linear_forward(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, s
 
 
 def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, *,
-                    activation="none", dropout_p=0.0, needs=(True,) * 6):
+                    activation="none", dropout_p=0.0, needs=(True,) * 6, x_preact=None, x_activation="none"):
     """Gradients of linear_forward (without the residual's, which is dy itself).
 
     dy: (M, N) unit column stride; x, weight, layer_scale, ln_weight, ln_bias, seed as in the forward;
@@ -616,6 +637,11 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
     the forward's fp32 statistics when it had LayerNorm, else None. needs: which of (dx, dweight, dbias,
     dlayer_scale, dln_weight, dln_bias) to compute. Returns those six, each None when not asked for; dx in
     x's dtype, dweight and dbias in weight's, dlayer_scale in its own, LayerNorm's in their own.
+
+    x_preact, x_activation: when x = x_activation(x_preact) (the GEMM before this one saved its
+    pre-activation, contiguous (M, K), no LayerNorm here), dx comes back as the gradient of x_preact: the
+    dx GEMM's epilogue multiplies by x_activation'(x_preact), so the previous GEMM's backward needs no
+    activation prologue (the MLP's fc2 -> fc1 hand-off).
     """
     need_dx, need_dw, need_db, need_dls, need_dlw, need_dlb = needs
     M, N = dy.shape
@@ -628,7 +654,8 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
     if need_dx or need_dlw or need_dlb:
         # dx_in = dz W, kept in fp32 when LayerNorm's backward still has to consume it
         dx_in = new_output((M, K), torch.float32 if has_ln else x.dtype, x.device)
-        _gemm(dx_in, dy, weight, dy.stride(), weight.stride(), M, K, N, **prologue)
+        _gemm(dx_in, dy, weight, dy.stride(), weight.stride(), M, K, N, preact=x_preact,
+              preact_activation=x_activation, **prologue)  # fmt: skip
         dx = dx_in
         if has_ln:
             dx, dln_weight, dln_bias = layer_norm_backward(dx_in, x, ln_weight, mean, rstd, need_dlw, need_dlb)
@@ -675,6 +702,7 @@ def compile_configs():
                                               SAVE_PREACT=True, STATS_OUT=True)),
         "dx plain": ({"A", "B"}, dict(GRAD_A=True)),
         "dx through gelu": ({"A", "B", "Z"}, dict(GRAD_A=True, ACTIVATION="gelu")),
+        "dx into gelu's input": ({"A", "B", "Preact"}, dict(GRAD_A=True, PREACT_GRAD="gelu")),
         "dW+db": ({"A", "B", "RowSum"}, dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True)),
         "dW+db, LN(x)": ({"A", "B", "RowSum", "LnW", "LnB", "Mean", "Rstd"},
                          dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, LN_B=True, HAS_LN_W=True, HAS_LN_B=True)),
@@ -684,7 +712,7 @@ def compile_configs():
     }
     off = dict(LN_A=False, LN_B=False, STATS_IN=False, STATS_OUT=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False, TRANS_A=False,
                ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False, DROPOUT=False,
-               HAS_RESIDUAL=False, SAVE_PREACT=False)
+               HAS_RESIDUAL=False, SAVE_PREACT=False, PREACT_GRAD="none")
     configs = []
     for D in (384, 768, 1024, 1280):
         block_m, block_d, num_warps = layer_norm_config(D)
@@ -721,7 +749,8 @@ def compile_configs():
                 # the weight gradients' M is the forward's N (a ViT width: the JIT specialises it as a
                 # multiple of 16, which lets dy^T's masked loads vectorise) and their K its tile_m rows
                 sizes = dict(M="i32:16", K="i32:16" if tile_m % 16 == 0 else "i32") if trans else {}
-                tile = _fit_to_fusions(_default_tile(tile_m, 768, torch_dtype), {**off, **flags})
+                tile = _fit_to_fusions(_default_tile(tile_m, 768, torch_dtype),
+                                       {**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype]})  # fmt: skip
                 constexprs = {name: None for name in pointers if name not in types}
                 constexprs.update({name: 1 for name in units})
                 constexprs.update({**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype], "DOT_PRECISION": "tf32"})

@@ -474,7 +474,8 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
         return 1.0 / (triton.cdiv(768, tile["BLOCK_M"]) * triton.cdiv(768, tile["BLOCK_N"]) * tile.get("SPLIT_K", 1))
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False)
+    flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False,
+                 PREACT_GRAD="none", DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
     key = (tuple(flags.items()), "proj dW")
     picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, True)
     splits = {t["SPLIT_K"] for t in tried}

@@ -9,9 +9,10 @@ any row strides (a last dim with stride != 1 is copied once). Every optional pie
 residual, layer scale, dropout, LayerNorm) is a compile-time flag of one kernel, fused into its prologue
 (LayerNorm) or epilogue (the rest) while the fp32 accumulator is in registers.
 
-Where the model uses them: LN1 -> QKV + bias, and LN2 -> fc1 + bias -> GELU, are layer_norm_linear; proj
-and fc2 (+ bias + residual, optionally layer scale and dropout) are linear; the head is
-layer_norm_linear (or linear after pooling).
+Where the model uses them: LN1 -> QKV + bias is layer_norm_linear; proj (+ bias + residual, optionally
+layer scale and dropout) is linear; the MLP branch is fastvit.ops.layer_norm_mlp (ops/mlp.py: these two
+ops' GEMMs, with a cheaper backward), or layer_norm_linear and linear while dropout sits between them;
+the head is layer_norm_linear (or linear after pooling).
 
 LayerNorm statistics hand-off: linear(..., return_stats=True) also returns its output's row statistics
 (fp32 (mean, M2) per 64 columns, shape (2, ceil(N / 64), *leading dims), taken in the epilogue), and
@@ -157,21 +158,22 @@ def _backward(ctx, dy, _dpreact, _dmean, _drstd, _dstats):
 _linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, ln=None):
-    """Checks shared by linear and layer_norm_linear (ln = (ln_weight, ln_bias, eps) for the latter)."""
-    check_tensor("x", x, min_ndim=1)
-    check_tensor("weight", weight, ndim=2)
-    check_tensor("bias", bias, ndim=1, optional=True)
+def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, ln=None, names=("x", "weight", "bias")):
+    """Checks shared by linear, layer_norm_linear (ln = (ln_weight, ln_bias, eps)) and layer_norm_mlp (which
+    names its second GEMM's x, weight and bias differently); returns the autocast dtype or None."""
+    x_name, weight_name, bias_name = names
+    check_tensor(x_name, x, min_ndim=1)
+    check_tensor(weight_name, weight, ndim=2)
+    check_tensor(bias_name, bias, ndim=1, optional=True)
     check_tensor("residual", residual, min_ndim=1, optional=True)
     check_tensor("layer_scale", layer_scale, ndim=1, optional=True)
     N, K = weight.shape
     if x.shape[-1] != K:
-        raise ValueError(
-            f"x: expected last dim K = {K} to match weight (N, K) = {tuple(weight.shape)}, got {describe(x)}"
-        )
+        raise ValueError(f"{x_name}: expected last dim K = {K} to match {weight_name} (N, K) = "
+                         f"{tuple(weight.shape)}, got {describe(x)}")  # fmt: skip
     if N < 1 or K < 1:
-        raise ValueError(f"weight: expected (N, K) with N, K >= 1, got {describe(weight)}")
-    check_shape("bias", bias, (N,))
+        raise ValueError(f"{weight_name}: expected (N, K) with N, K >= 1, got {describe(weight)}")
+    check_shape(bias_name, bias, (N,))
     check_shape("layer_scale", layer_scale, (N,))
     check_shape("residual", residual, (*x.shape[:-1], N))
     if activation not in ACTIVATIONS:
@@ -181,12 +183,12 @@ def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, 
     ln_weight, ln_bias = (ln[0], ln[1]) if ln is not None else (None, None)
     if ln is not None:
         validate_layer_norm(x, ln_weight, ln_bias, ln[2])
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual, layer_scale=layer_scale,
-                      ln_weight=ln_weight, ln_bias=ln_bias)
+    tensors = {x_name: x, weight_name: weight, bias_name: bias, "residual": residual, "layer_scale": layer_scale,
+               "ln_weight": ln_weight, "ln_bias": ln_bias}
+    check_same_device(**tensors)
     cast_to = autocast_dtype(x.device)
     if cast_to is None:
-        check_same_dtype(x=x, weight=weight, bias=bias, residual=residual, layer_scale=layer_scale,
-                         ln_weight=ln_weight, ln_bias=ln_bias)
+        check_same_dtype(**tensors)
     return cast_to
 
 
@@ -217,32 +219,47 @@ def _check_x_stats(x_stats, x):
     check_same_device(x=x, x_stats=x_stats)
 
 
+def _cast(dtype, *tensors):
+    """The tensors in `dtype` (None stays None): the GEMM parameters go to the compute dtype, and under
+    autocast LayerNorm's affine to fp32, as autocast runs F.layer_norm."""
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _dropout_seed(dropout_p, device):
+    """One int64 from torch's generator per call (torch.manual_seed reproduces it), or None without dropout."""
+    return torch.randint(0, 2**62, (1,), device=device) if dropout_p > 0 else None
+
+
+def _out_dtype(compute, residual):
+    return compute if residual is None else torch.promote_types(compute, residual.dtype)
+
+
 def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, x_stats=None, return_stats=False):
     cast_to = _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, ln=ln)
     if x_stats is not None:
         _check_x_stats(x_stats, x)
     compute = cast_to or weight.dtype
-    weight, bias, layer_scale = (t.to(compute) if t is not None else None for t in (weight, bias, layer_scale))
+    weight, bias, layer_scale = _cast(compute, weight, bias, layer_scale)
     if ln is None:
         x = x.to(compute)
     elif cast_to is not None:
-        ln = (*(t.float() if t is not None else None for t in ln[:2]), ln[2])
+        ln = (*_cast(torch.float32, *ln[:2]), ln[2])
     dropout_p = float(dropout_p)
     if not use_triton(x.device):
         with torch.autocast(x.device.type, enabled=False):
             y = _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, cast_to is not None)
         return (y, None) if return_stats else y
 
-    out_dtype = compute if residual is None else torch.promote_types(compute, residual.dtype)
-    seed = torch.randint(0, 2**62, (1,), device=x.device) if dropout_p > 0 else None
     ln_weight, ln_bias, eps = ln if ln is not None else (None, None, 0.0)
     save_preact = activation is not None or (layer_scale is not None and layer_scale.requires_grad)
-    save_preact = save_preact and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, layer_scale, ln_weight, ln_bias)
-    )
-    y, _, _, _, stats = _linear_fwd(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats,
-                                    activation or "none", dropout_p, float(eps), ln is not None, save_preact,
-                                    return_stats, out_dtype)  # fmt: skip
+    save_preact = save_preact and _needs_grad(x, weight, bias, layer_scale, ln_weight, ln_bias)
+    y, _, _, _, stats = _linear_fwd(x, weight, bias, residual, layer_scale, ln_weight, ln_bias,
+                                    _dropout_seed(dropout_p, x.device), x_stats, activation or "none", dropout_p,
+                                    float(eps), ln is not None, save_preact, return_stats, _out_dtype(compute, residual))  # fmt: skip
     return (y, stats) if return_stats else y
 
 
