@@ -4,7 +4,12 @@ cuBLAS). All four are compute-bound (benchmarks/roofline.py), so TFLOP/s and % o
 
 Provider "fastvit+stats" is how the model chains them: proj / fc2 also emit their output's LayerNorm
 statistics (return_stats=True), and the LN GEMMs take such statistics (x_stats) instead of running their
-own statistics pass; "fastvit" is each op called alone.
+own statistics pass; "fastvit" is each op called alone. Forward, and forward + backward (every input's
+gradient; FLOPs counted as 3x the forward's, bytes as 3x: a modelling convention, not a measurement).
+
+test_mlp_branch times the whole MLP branch x + fc2(GELU(fc1(LN(x)))): fastvit.ops.layer_norm_mlp (the
+model's call), the same as its two ops (layer_norm_linear, linear), eager and torch.compile; its
+backward is where they differ (fastvit/ops/mlp.py).
 """
 import functools
 
@@ -80,16 +85,112 @@ def work(case):
     return Work(*roofline.linear(M, K, N, layer_norm=has_ln, residual=has_residual))
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", CASES)
-def test_linear(benchmark, gpu, peaks, case, provider):
-    def check(out, inputs):
-        ref = eager_block_linear(*(t.float() if isinstance(t, torch.Tensor) else t for t in inputs[:7]))
-        assert_close_rel(out, ref, 1e-2, case)
+def _modes(cases, quick_backward):
+    """(case, mode) params: every forward, and the backward of `quick_backward` outside --bench-full."""
+    for case in cases:
+        for mode in ("fwd", "fwd+bwd"):
+            marks = [pytest.mark.full_only] if mode == "fwd+bwd" and case not in quick_backward else []
+            yield pytest.param(case, mode, marks=marks, id=f"{case}-{mode}")
 
-    sets = rotation(lambda: make_inputs(case, "cuda", with_stats=provider == "fastvit+stats"), work(case).bytes)
-    measure(benchmark, _provider(provider), sets, check=check, work=work(case), peaks=peaks,
-            group=f"linear {case} M={M} bf16", provider=provider, extra={"case": case, "M": M, "dtype": "bf16"})  # fmt: skip
+
+def with_backward(fn, backward):
+    """fn(*tensors, dy) -> fn's output, or with backward the gradients of every tensor that requires one."""
+    if not backward:
+        return lambda *inputs: fn(*inputs[:-1])
+
+    def run(*inputs):
+        leaves = [t for t in inputs[:-1] if isinstance(t, torch.Tensor) and t.requires_grad]
+        return torch.autograd.grad(fn(*inputs[:-1]), leaves, inputs[-1])
+
+    return run
+
+
+def check_against_fp32(eager_fn, n_args, backward, name):
+    """check(out, inputs) for measure(): the output, or every gradient, against eager_fn on fp32 copies of
+    the first n_args inputs (inputs[-1] is dy)."""
+    def check(out, inputs):
+        args = [t.detach().float().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                for t in inputs[:n_args]]  # fmt: skip
+        ref = eager_fn(*args)
+        if not backward:
+            return assert_close_rel(out, ref, 1e-2, name)
+        wants = torch.autograd.grad(ref, [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad],
+                                    inputs[-1].float())  # fmt: skip
+        for i, (got, want) in enumerate(zip(out, wants)):
+            assert_close_rel(got, want, 3e-2, f"{name} gradient {i}")
+
+    return check
+
+
+def trainable(inputs, backward):
+    """The inputs, each floating tensor requiring a gradient when timing the backward."""
+    return tuple(t.requires_grad_(backward) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in inputs)  # fmt: skip
+
+
+def output_grad(N):
+    return torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case, mode", list(_modes(CASES, quick_backward={"ln_fc1_gelu"})))
+def test_linear(benchmark, gpu, peaks, case, mode, provider):
+    backward = mode == "fwd+bwd"
+    N = CASES[case][1]
+
+    def make():  # the op's 7 inputs (trainable), x's statistics for "fastvit+stats" (no gradient), dy
+        inputs = make_inputs(case, "cuda", with_stats=provider == "fastvit+stats")
+        return (*trainable(inputs[:7], backward), *inputs[7:], output_grad(N))
+
+    fwd = work(case)
+    sets = rotation(make, fwd.bytes)
+    measure(benchmark, with_backward(_provider(provider), backward), sets,
+            check=check_against_fp32(eager_block_linear, 7, backward, case),
+            work=Work(fwd.flops * 3, fwd.bytes * 3) if backward else fwd, peaks=peaks,
+            group=f"linear {case} {mode} M={M} bf16", provider=provider,
+            extra={"case": case, "M": M, "dtype": "bf16", "mode": mode})  # fmt: skip
+
+
+MLP_PROVIDERS = ("fastvit", "fastvit two ops", "eager", "torch.compile")
+
+
+def eager_mlp_branch(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    h = F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, 1e-6), fc1_weight, fc1_bias))
+    return x + F.linear(h, fc2_weight, fc2_bias)
+
+
+def fastvit_mlp_branch(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    return fastvit_op("mlp", "layer_norm_mlp")(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                               residual=x)  # fmt: skip
+
+
+def fastvit_mlp_two_ops(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    h = fastvit_op("linear", "layer_norm_linear")(x, ln_weight, ln_bias, fc1_weight, fc1_bias, activation="gelu")
+    return fastvit_op("linear")(h, fc2_weight, fc2_bias, residual=x)
+
+
+@functools.cache
+def compiled_mlp_branch():
+    return torch.compile(eager_mlp_branch, dynamic=False)
+
+
+def make_mlp_inputs(device, make=torch.randn):
+    new = functools.partial(make, device=device, dtype=torch.bfloat16)
+    return (new(M, D), new(D), new(D), new(4 * D, D) * D**-0.5, new(4 * D), new(D, 4 * D) * (4 * D) ** -0.5, new(D))
+
+
+@pytest.mark.parametrize("provider", MLP_PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_mlp_branch(benchmark, gpu, peaks, mode, provider):
+    backward = mode == "fwd+bwd"
+    fn = {"fastvit": fastvit_mlp_branch, "fastvit two ops": fastvit_mlp_two_ops, "eager": eager_mlp_branch}.get(
+        provider) or compiled_mlp_branch()
+    fc1, fc2 = roofline.linear(M, D, 4 * D, layer_norm=True), roofline.linear(M, 4 * D, D, residual=True)
+    fwd = Work(fc1[0] + fc2[0], fc1[1] + fc2[1])
+    sets = rotation(lambda: (*trainable(make_mlp_inputs("cuda"), backward), output_grad(D)), fwd.bytes)
+    measure(benchmark, with_backward(fn, backward), sets, check=check_against_fp32(eager_mlp_branch, 7, backward, "mlp"),
+            work=Work(fwd.flops * 3, fwd.bytes * 3) if backward else fwd, peaks=peaks,
+            group=f"mlp branch {mode} M={M} bf16", provider=provider, extra={"M": M, "dtype": "bf16", "mode": mode})  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
