@@ -14,8 +14,8 @@ The last two are one op, ops.layer_norm_mlp, whose backward forms GELU's gradien
 
 LayerNorm's row statistics need no launch of their own: each residual GEMM's epilogue stores its
 output's per-column-group (mean, M2) partials, and the next LayerNorm > GEMM combines them in its
-prologue. Only a block whose input comes from elsewhere (the stem, hooks, active stochastic depth) has
-its norm1 take a statistics pass.
+prologue. Only a block whose input comes from elsewhere (the stem, a block called with hooks) has its
+norm1 take a statistics pass.
 """
 import functools
 
@@ -66,11 +66,9 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.drop_prob)
-        return x * keep / (1 - self.drop_prob)
+    def forward(self, x):  # block_forward fuses this into the residual GEMM instead (sample_scale)
+        scale = _drop_path_scale(self, x)
+        return x if scale is None else x * scale.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
 
 
 class Block(nn.Module):
@@ -95,24 +93,24 @@ def _active_p(dropout: nn.Module) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
-def _drop_path_active(drop_path: nn.Module) -> bool:
-    return drop_path.training and float(getattr(drop_path, "drop_prob", 0.0)) > 0.0
+def _drop_path_scale(drop_path: nn.Module, x: torch.Tensor):
+    """Stochastic depth's per-sample factor for a branch added to x (B, ...), or None while drop_path is
+    inactive (eval, or drop_path_rate 0). Drawn as timm's DropPath draws it, B Bernoulli(1 - p) samples from
+    torch's generator, divided by 1 - p when scale_by_keep, so a seeded run drops the same samples."""
+    p = float(getattr(drop_path, "drop_prob", 0.0))
+    if not drop_path.training or p == 0.0:
+        return None
+    keep = x.new_empty((x.shape[0],)).bernoulli_(1.0 - p)
+    return keep / (1.0 - p) if getattr(drop_path, "scale_by_keep", True) and p < 1.0 else keep
 
 
 def _residual_branch(branch, layer_scale, drop_path, dropout, residual):
-    """(residual + drop_path(branch), its row statistics or None) for a branch op (ops.linear or
-    ops.layer_norm_mlp, with every other argument bound) that takes residual, layer_scale, dropout_p and
-    return_stats: one op call, its residual add fused, unless drop_path is active.
-
-    Stochastic depth scales each sample's branch by 0 or 1/(1-p) before the add, so while it is active
-    the add runs in PyTorch (and the next LayerNorm takes its own statistics); in eval (and at
-    drop_path_rate 0) the residual add is fused in the epilogue, which also emits the output's
-    LayerNorm statistics for the next layer_norm_linear.
-    """
-    gamma, p = getattr(layer_scale, "gamma", None), _active_p(dropout)
-    if _drop_path_active(drop_path):
-        return residual + drop_path(branch(layer_scale=gamma, dropout_p=p)), None
-    return branch(residual=residual, layer_scale=gamma, dropout_p=p, return_stats=True)
+    """(residual + drop_path(layer_scale * dropout(branch)), its LayerNorm row statistics): one op call
+    (ops.linear or ops.layer_norm_mlp, every other argument bound) with everything after the GEMM in its
+    epilogue, stochastic depth included (a per-sample factor on the branch before the residual add), so
+    the epilogue also emits the output's statistics for the next layer_norm_linear."""
+    return branch(residual=residual, layer_scale=getattr(layer_scale, "gamma", None), dropout_p=_active_p(dropout),
+                  sample_scale=_drop_path_scale(drop_path, residual), return_stats=True)  # fmt: skip
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, x_stats=None, return_stats: bool = False):

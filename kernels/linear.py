@@ -4,9 +4,10 @@ epilogue on the fp32 accumulator, all selected by constexpr flags.
 Forward (W in nn.Linear's (N, K) layout, read as W^T through strides; x may be LayerNorm-ed on the fly):
 
     z = LN?(x) W^T + b                         LN?(x)[m, k] = (x[m, k] - mean[m]) * rstd[m] * lw[k] + lb[k]
-    y = residual + ls * dropout_p(act(z))       act = GELU (erf, or tanh approximation) or identity
+    y = residual + s * ls * dropout_p(act(z))   act = GELU (erf, or tanh approximation) or identity;
+                                                s[m] = sample_scale[m // rows_per_sample]: stochastic depth
 
-Backward, with d = dy * keep / (1 - p) (the dropout mask regenerated from the seed) and u = act(z):
+Backward, with d = s * dy * keep / (1 - p) (the dropout mask regenerated from the seed) and u = act(z):
 
     dz = d * ls * act'(z)                       computed in the *prologue* of both gradient GEMMs from dy
                                                 and the saved pre-activation z; never stored
@@ -184,14 +185,16 @@ def _combine_group_stats(Stats, stride_s_kind, stride_s_group, stride_s_row, row
 
 
 @triton.jit
-def _grad_prologue(dy, dy_rows, dy_cols, mask, col_mask, Z, stride_zm, Scale, Seed, n_fwd, dropout_p,
-                   ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
-                   NEED_DU: tl.constexpr):
-    """(dz, d * u) for a tile of dy: d = dy * keep / (1 - p), u = act(z), dz = d * ls * act'(z).
+def _grad_prologue(dy, dy_rows, dy_cols, mask, row_mask, col_mask, Z, stride_zm, Scale, SampleScale, rows_per_sample,
+                   Seed, n_fwd, dropout_p, ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_SAMPLE_SCALE: tl.constexpr, DROPOUT: tl.constexpr, NEED_DU: tl.constexpr):
+    """(dz, d * u) for a tile of dy: d = s * dy * keep / (1 - p), u = act(z), dz = d * ls * act'(z).
 
     dy_rows, dy_cols: the tile's int64 indices into the (M, n_fwd) output as broadcastable (X, 1) and
-    (1, Y) vectors (either way round), col_mask shaped like dy_cols; masked lanes have dy = 0."""
+    (1, Y) vectors (either way round), row_mask / col_mask shaped like them; masked lanes have dy = 0."""
     d = dy.to(tl.float32)
+    if HAS_SAMPLE_SCALE:
+        d = d * tl.load(SampleScale + dy_rows.to(tl.int32) // rows_per_sample, mask=row_mask, other=0.0)
     if DROPOUT:
         keep = _dropout_keep(Seed, dy_rows, dy_cols, n_fwd, dropout_p)
         d = tl.where(keep, d * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -222,6 +225,8 @@ def _linear_kernel(
     Bias,  # (N,) or None
     Residual,  # (M, N), row stride stride_rm, unit column stride; or None
     Scale,  # layer scale (n_fwd,): over C's columns in the forward, dy's columns in GRAD_A; or None
+    SampleScale,  # (samples,) fp32 per-sample factor s over the forward's rows: C's in the forward (after the
+    # layer scale, before the residual) and in the dx GEMM, A's columns in the weight gradient; or None
     LnW,  # LayerNorm weight over the columns of the normalised operand (A if LN_A, B if LN_B), or None
     LnB,  # LayerNorm bias, same length, or None
     Mean,  # fp32 row means of the normalised operand (x): an input, or an output with STATS_IN; or None
@@ -235,6 +240,7 @@ def _linear_kernel(
     M, N, K,
     k_per_split,  # program (., s) reduces k in [s * k_per_split, (s + 1) * k_per_split): K without a split
     n_fwd,  # columns of the forward output y (dropout counters are m * n_fwd + n)
+    rows_per_sample,  # rows of y per SampleScale entry (row indices fit int32: the row count is < 2^31)
     dropout_p,
     eps,  # LayerNorm's, for STATS_IN
     LN_A: tl.constexpr,  # A is x: LayerNorm it in the prologue (forward)
@@ -249,6 +255,7 @@ def _linear_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none", "gelu", "gelu_tanh": epilogue, or its derivative in GRAD_A
     HAS_SCALE: tl.constexpr,
+    HAS_SAMPLE_SCALE: tl.constexpr,
     DROPOUT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
@@ -292,7 +299,7 @@ def _linear_kernel(
     # shared buffer that every K-step overwrites, so Triton waits for each wgmma before the next. When A
     # is dy as loaded (no dz prologue), the K loop accumulates C^T = B^T A^T instead: the LayerNorm-ed tile
     # becomes the register operand and dy^T the B operand, straight from the pipelined shared buffers.
-    SWAP_AB: tl.constexpr = LN_B and ACTIVATION == "none" and not HAS_SCALE and not DROPOUT
+    SWAP_AB: tl.constexpr = LN_B and ACTIVATION == "none" and not HAS_SCALE and not HAS_SAMPLE_SCALE and not DROPOUT
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -326,11 +333,14 @@ def _linear_kernel(
         if GRAD_A:
             # dy's row and column of each A element, as broadcast vectors (full int64 tiles cost registers)
             if TRANS_A:
-                dy_rows, dy_cols, dy_col_mask = ks[None, :], rows[:, None], row_mask[:, None]
+                dy_rows, dy_cols, dy_row_mask, dy_col_mask = ks[None, :], rows[:, None], k_mask[None, :], row_mask[:, None]  # fmt: skip
             else:
-                dy_rows, dy_cols, dy_col_mask = rows[:, None], ks[None, :], k_mask[None, :]
-            a, du = _grad_prologue(a, dy_rows, dy_cols, a_mask, dy_col_mask, Z, stride_zm, Scale, Seed, n_fwd,
-                                   dropout_p, ACTIVATION, HAS_SCALE, DROPOUT, ROWSUM_DU)
+                dy_rows, dy_cols, dy_row_mask, dy_col_mask = rows[:, None], ks[None, :], row_mask[:, None], k_mask[None, :]  # fmt: skip
+            # the sample scale of dy's rows: here where they are A's columns (the weight gradient), in the
+            # epilogue where they are C's rows (dx)
+            a, du = _grad_prologue(a, dy_rows, dy_cols, a_mask, dy_row_mask, dy_col_mask, Z, stride_zm, Scale,
+                                   SampleScale, rows_per_sample, Seed, n_fwd, dropout_p, ACTIVATION, HAS_SCALE,
+                                   HAS_SAMPLE_SCALE and TRANS_A, DROPOUT, ROWSUM_DU)  # fmt: skip
             if ROWSUM_DZ:
                 row_sum += tl.sum(a, axis=1)
             if ROWSUM_DU:
@@ -372,6 +382,8 @@ def _linear_kernel(
         acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_SCALE and not GRAD_A:
         acc *= tl.load(Scale + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SAMPLE_SCALE and not TRANS_A:  # C's rows are the forward's: y's, or dy's in the dx GEMM
+        acc *= tl.load(SampleScale + rows.to(tl.int32) // rows_per_sample, mask=row_mask, other=0.0)[:, None]
     if HAS_RESIDUAL:
         residual = tl.load(Residual + rows[:, None] * stride_rm + cols[None, :], mask=c_mask, other=0.0)
         acc += residual.to(tl.float32)
@@ -443,7 +455,8 @@ def _fit_to_fusions(tile: dict, flags: dict) -> dict:
     BLOCK_K, and more when B is LayerNorm-ed too (on sm_80 both operands then pass through registers); a
     LayerNorm-ed B runs at most 3 stages (2 next to a dz prologue in fp32); epilogue dropout (philox per
     element) caps BLOCK_N at 64, and so does an activation gradient in the epilogue (PREACT_GRAD: erf and
-    exp per element) on fp32 tiles (16-bit ones fit, at 255 registers). Checked with triton 3.6 and 3.8."""
+    exp per element) on fp32 tiles (16-bit ones fit, at 255 registers); a per-sample scale on an fp32 weight
+    gradient's dy^T tile takes BLOCK_K = 16. Checked with triton 3.6 and 3.8."""
     tile = dict(tile)
     heavy_a = flags["GRAD_A"] and (flags["ACTIVATION"] != "none" or flags["DROPOUT"] or flags["HAS_SCALE"])
     if heavy_a and flags["LN_B"] and tile["BLOCK_K"] > 32:  # 16-bit: 64 -> 16
@@ -460,6 +473,8 @@ def _fit_to_fusions(tile: dict, flags: dict) -> dict:
         tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
     if flags["PREACT_GRAD"] != "none" and flags["DOT_DTYPE"] == tl.float32:
         tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
+    if flags["HAS_SAMPLE_SCALE"] and flags["TRANS_A"] and flags["DOT_DTYPE"] == tl.float32:
+        tile["BLOCK_K"] = min(tile["BLOCK_K"], 16)
     return tile
 
 
@@ -513,26 +528,29 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split) -> dict:
 
 
 def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, preact=None,
-          row_sum=None, row_sum_u=None, stats_out=None, bias=None, residual=None, scale=None, ln_weight=None,
-          ln_bias=None, mean=None, rstd=None, stats_in=None, eps=0.0, seed=None, z=None, ln_a=False, ln_b=False,
-          grad_a=False, trans_a=False, activation="none", preact_activation="none"):
+          row_sum=None, row_sum_u=None, stats_out=None, bias=None, residual=None, scale=None, sample_scale=None,
+          ln_weight=None, ln_bias=None, mean=None, rstd=None, stats_in=None, eps=0.0, seed=None, z=None, ln_a=False,
+          ln_b=False, grad_a=False, trans_a=False, activation="none", preact_activation="none"):
     """out (M, N) = epilogue(prologue(A) @ prologue(B)) with A (M, K), B (K, N) given by their strides.
 
     out, preact: contiguous (M, N); preact is written, or with preact_activation != "none" read (out is
     then multiplied by preact_activation'(preact)); residual, z: unit column stride; stats_out: contiguous
     (2, cdiv(N, STATS_GROUP), M); stats_in: (2, cdiv(K, STATS_GROUP), M), any strides, with mean and rstd
-    then written. Flags follow the pointers given."""
+    then written; sample_scale: contiguous fp32 (samples,), dividing the forward's n_rows rows evenly.
+    Flags follow the pointers given."""
     flags = dict(
         LN_A=ln_a, LN_B=ln_b, STATS_IN=stats_in is not None, HAS_LN_W=ln_weight is not None,
         HAS_LN_B=ln_bias is not None, GRAD_A=grad_a, TRANS_A=trans_a, ROWSUM_DZ=row_sum is not None,
         ROWSUM_DU=row_sum_u is not None, HAS_BIAS=bias is not None, ACTIVATION=activation,
-        HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0, HAS_RESIDUAL=residual is not None,
+        HAS_SCALE=scale is not None, HAS_SAMPLE_SCALE=sample_scale is not None, DROPOUT=dropout_p > 0, HAS_RESIDUAL=residual is not None,
         SAVE_PREACT=preact is not None and preact_activation == "none", PREACT_GRAD=preact_activation,
         STATS_OUT=stats_out is not None,
         DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision(dot_dtype),
     )
 
     can_split = trans_a and out.is_contiguous()  # the weight gradients: no epilogue to split around
+    # the forward's rows are C's (forward, dx) or the reduction's (dW); samples divide them evenly
+    rows_per_sample = (K if trans_a else M) // max(sample_scale.numel(), 1) if sample_scale is not None else 1
 
     def launch(tile):
         tile = dict(tile)
@@ -548,11 +566,11 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         c, c_row_sum, c_row_sum_u = targets
         grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), splits)
         _linear_kernel[grid](
-            c, preact, c_row_sum, c_row_sum_u, stats_out, a, b, bias, residual, scale, ln_weight, ln_bias, mean,
-            rstd, stats_in, seed, z, out.stride(0), *a_strides, *b_strides,
+            c, preact, c_row_sum, c_row_sum_u, stats_out, a, b, bias, residual, scale, sample_scale, ln_weight,
+            ln_bias, mean, rstd, stats_in, seed, z, out.stride(0), *a_strides, *b_strides,
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
             c.stride(0) if splits > 1 else 0, *(stats_in.stride() if stats_in is not None else (0, 0, 0)),
-            M, N, K, k_per_split, n_fwd, dropout_p, eps, **flags, EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0,
+            M, N, K, k_per_split, n_fwd, rows_per_sample, dropout_p, eps, **flags, EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0,
             ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
         )  # fmt: skip
         if splits > 1:
@@ -598,14 +616,15 @@ def stats_groups(n_cols: int) -> int:
 
 def linear_forward(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, *, activation="none",
                    dropout_p=0.0, eps=1e-6, has_ln=False, save_preact=False, out_dtype=None, x_stats=None,
-                   emit_stats=False):
-    """y = residual + ls * dropout_p(act(LN?(x) W^T + b)), each piece optional.
+                   emit_stats=False, sample_scale=None):
+    """y = residual + s * ls * dropout_p(act(LN?(x) W^T + b)), each piece optional.
 
     x: (M, K), unit column stride (any dtype when has_ln: LayerNorm reads it and computes in fp32;
     else weight's dtype); weight: (N, K) any strides, its dtype is the compute dtype; bias, layer_scale:
     (N,); residual: (M, N), unit column stride; ln_weight, ln_bias: (K,) or None; seed: (1,) int64 on
     x's device when dropout_p > 0; x_stats: None, or with has_ln the (2, stats_groups(K), M) fp32
-    statistics that the GEMM which wrote x emitted (any strides), replacing the statistics pass.
+    statistics that the GEMM which wrote x emitted (any strides), replacing the statistics pass;
+    sample_scale: None or fp32 (S,) with S dividing M: row m is scaled by sample_scale[m // (M / S)].
     Returns y (M, N) contiguous in out_dtype (default weight's dtype), preact z (M, N) in weight's dtype
     when save_preact (else None), fp32 mean, rstd (M,) when has_ln (else None), and y's statistics
     (2, stats_groups(N), M) fp32 when emit_stats (else None).
@@ -622,14 +641,15 @@ def linear_forward(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, s
     _gemm(
         y, x, weight, x.stride(), (weight.stride(1), weight.stride(0)), M, N, K, dot_dtype=weight.dtype,
         n_fwd=N, dropout_p=dropout_p, preact=preact, stats_out=stats, bias=bias, residual=residual,
-        scale=layer_scale, ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd,
+        scale=layer_scale, sample_scale=sample_scale, ln_weight=ln_weight, ln_bias=ln_bias, mean=mean, rstd=rstd,
         stats_in=x_stats if has_ln else None, eps=eps, seed=seed, ln_a=has_ln, activation=activation,
     )  # fmt: skip
     return y, preact, mean, rstd, stats
 
 
 def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, *,
-                    activation="none", dropout_p=0.0, needs=(True,) * 6, x_preact=None, x_activation="none"):
+                    activation="none", dropout_p=0.0, needs=(True,) * 6, x_preact=None, x_activation="none",
+                    sample_scale=None):
     """Gradients of linear_forward (without the residual's, which is dy itself).
 
     dy: (M, N) unit column stride; x, weight, layer_scale, ln_weight, ln_bias, seed as in the forward;
@@ -638,6 +658,7 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
     dlayer_scale, dln_weight, dln_bias) to compute. Returns those six, each None when not asked for; dx in
     x's dtype, dweight and dbias in weight's, dlayer_scale in its own, LayerNorm's in their own.
 
+    sample_scale: the forward's, if any.
     x_preact, x_activation: when x = x_activation(x_preact) (the GEMM before this one saved its
     pre-activation, contiguous (M, K), no LayerNorm here), dx comes back as the gradient of x_preact: the
     dx GEMM's epilogue multiplies by x_activation'(x_preact), so the previous GEMM's backward needs no
@@ -647,8 +668,8 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
     M, N = dy.shape
     K = x.shape[1]
     has_ln = mean is not None
-    prologue = dict(dot_dtype=weight.dtype, n_fwd=N, dropout_p=dropout_p, scale=layer_scale, seed=seed,
-                    z=preact, grad_a=True, activation=activation)
+    prologue = dict(dot_dtype=weight.dtype, n_fwd=N, dropout_p=dropout_p, scale=layer_scale,
+                    sample_scale=sample_scale, seed=seed, z=preact, grad_a=True, activation=activation)
     dx = dweight = dbias = dscale = dln_weight = dln_bias = None
 
     if need_dx or need_dlw or need_dlb:
@@ -684,7 +705,8 @@ def compile_configs():
     constexpr 1 and row strides, N and K carry the multiple-of-16 hint, as the JIT specialises them at
     ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
     matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
-    pointers = ("C", "Preact", "RowSum", "RowSumU", "StatsOut", "A", "B", "Bias", "Residual", "Scale", "LnW", "LnB",
+    pointers = ("C", "Preact", "RowSum", "RowSumU", "StatsOut", "A", "B", "Bias", "Residual", "Scale", "SampleScale",
+                "LnW", "LnB",
                 "Mean", "Rstd", "StatsIn", "Seed", "Z")
     uses = {  # label -> (pointers used, flags): the fused ops of one block, the head and their gradients
         "LN->qkv+bias": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd"},
@@ -700,19 +722,27 @@ def compile_configs():
         "fc2+bias+dropout+ls+residual": ({"A", "B", "Bias", "Residual", "Scale", "Seed", "Preact", "StatsOut"},
                                          dict(HAS_BIAS=True, DROPOUT=True, HAS_SCALE=True, HAS_RESIDUAL=True,
                                               SAVE_PREACT=True, STATS_OUT=True)),
+        "proj/fc2+bias+drop path+residual": ({"A", "B", "Bias", "Residual", "SampleScale", "StatsOut"},
+                                             dict(HAS_BIAS=True, HAS_SAMPLE_SCALE=True, HAS_RESIDUAL=True,
+                                                  STATS_OUT=True)),
         "dx plain": ({"A", "B"}, dict(GRAD_A=True)),
+        "dx, drop path": ({"A", "B", "SampleScale"}, dict(GRAD_A=True, HAS_SAMPLE_SCALE=True)),
+        "dx into gelu's input, drop path": ({"A", "B", "Preact", "SampleScale"},
+                                            dict(GRAD_A=True, PREACT_GRAD="gelu", HAS_SAMPLE_SCALE=True)),
         "dx through gelu": ({"A", "B", "Z"}, dict(GRAD_A=True, ACTIVATION="gelu")),
         "dx into gelu's input": ({"A", "B", "Preact"}, dict(GRAD_A=True, PREACT_GRAD="gelu")),
         "dW+db": ({"A", "B", "RowSum"}, dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True)),
+        "dW+db, drop path": ({"A", "B", "RowSum", "SampleScale"},
+                             dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, HAS_SAMPLE_SCALE=True)),
         "dW+db, LN(x)": ({"A", "B", "RowSum", "LnW", "LnB", "Mean", "Rstd"},
                          dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, LN_B=True, HAS_LN_W=True, HAS_LN_B=True)),
         "dW+db through gelu, LN(x)": ({"A", "B", "RowSum", "Z", "LnW", "LnB", "Mean", "Rstd"},
                                       dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, ACTIVATION="gelu", LN_B=True,
                                            HAS_LN_W=True, HAS_LN_B=True)),
     }
-    off = dict(LN_A=False, LN_B=False, STATS_IN=False, STATS_OUT=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False, TRANS_A=False,
-               ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False, DROPOUT=False,
-               HAS_RESIDUAL=False, SAVE_PREACT=False, PREACT_GRAD="none")
+    off = dict(LN_A=False, LN_B=False, STATS_IN=False, STATS_OUT=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False,
+               TRANS_A=False, ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False,
+               HAS_SAMPLE_SCALE=False, DROPOUT=False, HAS_RESIDUAL=False, SAVE_PREACT=False, PREACT_GRAD="none")
     configs = []
     for D in (384, 768, 1024, 1280):
         block_m, block_d, num_warps = layer_norm_config(D)
@@ -730,8 +760,8 @@ def compile_configs():
             # under autocast the residual stream (x of LN->GEMM, the residual, the output) stays fp32
             stream = "fp32" if flags.get("LN_A") or flags.get("HAS_RESIDUAL") else dtype
             types = {name: f"*{dtype}" for name in used}
-            types.update({name: "*fp32" for name in ("RowSum", "RowSumU", "Mean", "Rstd", "StatsOut", "StatsIn")
-                          if name in used})
+            types.update({name: "*fp32" for name in ("RowSum", "RowSumU", "Mean", "Rstd", "StatsOut", "StatsIn",
+                                                     "SampleScale") if name in used})  # fmt: skip
             types.update({"Seed": "*i64"} if "Seed" in used else {})
             types.update({"A": f"*{stream}" if flags.get("LN_A") else f"*{dtype}",
                           "Residual": "*fp32", "C": "*fp32" if flags.get("HAS_RESIDUAL") else f"*{dtype}"})
@@ -739,7 +769,7 @@ def compile_configs():
             # row strides, N and K are multiples of 16 at ViT widths (the JIT specialises on that); M is not
             ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                                 "stride_rm", "stride_zm", "N", "K", "n_fwd")}
-            ints.update(M="i32", dropout_p="fp32", eps="fp32", stride_s_kind="i32", stride_s_group="i32",
+            ints.update(M="i32", rows_per_sample="i32", dropout_p="fp32", eps="fp32", stride_s_kind="i32", stride_s_group="i32",
                         stride_s_row="i32", stride_c_split="i32:16", k_per_split="i32:16")
             # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows
             # when B is W^T (forward), else B's columns

@@ -61,7 +61,7 @@ def call(inputs, spec, dropout_p=0.0):
     if spec.get("ln"):
         return layer_norm_linear(inputs["x"], inputs.get("ln_weight"), inputs.get("ln_bias"), inputs["weight"], **args)
     return linear(inputs["x"], inputs["weight"], residual=inputs.get("residual"),
-                  layer_scale=inputs.get("layer_scale"), **args)  # fmt: skip
+                  layer_scale=inputs.get("layer_scale"), sample_scale=spec.get("sample_scale"), **args)  # fmt: skip
 
 
 def reference(inputs, spec, keep=None, dropout_p=0.0):
@@ -76,6 +76,8 @@ def reference(inputs, spec, keep=None, dropout_p=0.0):
         y = y * keep / (1.0 - dropout_p)
     if "layer_scale" in inputs:
         y = y * inputs["layer_scale"]
+    if "sample_scale" in spec:  # a factor per sample (x's leading dim), not a differentiable input
+        y = y * spec["sample_scale"].to(y).view(-1, *[1] * (y.dim() - 1))
     if "residual" in inputs:
         y = inputs["residual"] + y
     return y
@@ -88,10 +90,10 @@ def forward_backward(fn, inputs, grad_out):
     return y.detach(), {name: t.grad for name, t in leaves.items()}
 
 
-def check_against_fp64(M, K, N, spec, dtype):
+def check_against_fp64(M, K, N, spec, dtype, lead=()):
     """Output and every gradient: |ours - fp64| <= 2 |eager(dtype) - fp64| + atol."""
-    inputs = make_inputs(M, K, N, spec, dtype)
-    grad_out = torch.randn(M, N, dtype=torch.float64, device=DEVICE)
+    inputs = make_inputs(M, K, N, spec, dtype, lead)
+    grad_out = torch.randn(*lead, M, N, dtype=torch.float64, device=DEVICE)
     with use_backend("triton"):
         ours, our_grads = forward_backward(lambda t: call(t, spec), inputs, grad_out)
     with use_backend("torch"):
@@ -99,7 +101,7 @@ def check_against_fp64(M, K, N, spec, dtype):
     fp64_inputs = {k: v.double() for k, v in inputs.items()}
     ref, ref_grads = forward_backward(lambda t: reference(t, spec), fp64_inputs, grad_out)
 
-    assert ours.dtype == dtype and ours.shape == (M, N)
+    assert ours.dtype == dtype and ours.shape == (*lead, M, N)
     for name, actual, expected, base in [("y", ours, ref, eager)] + [
         (f"d{k}", our_grads[k], ref_grads[k], eager_grads[k]) for k in inputs
     ]:
@@ -129,6 +131,18 @@ def test_model_uses(use, dtype):
     check_against_fp64(M, K, N, spec, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead, M, scale", [((3,), 17, (0.0, 2.0, 0.5)), ((), 5, (2.0, 0.0, 1.0, 0.0, 3.0))],
+                         ids=["3 samples of 17 rows", "2-D x: a factor per row"])  # fmt: skip
+def test_sample_scale_stochastic_depth(lead, M, scale, dtype):
+    """sample_scale, stochastic depth's keep / (1 - p) per sample (zeros included), on the branch before the
+    residual add: output and every gradient against fp64. With 17 rows per sample, sample boundaries fall
+    inside the forward's row tiles and inside the weight gradient's K-steps (its reduction is over rows)."""
+    spec = dict(bias=True, activation="gelu", residual=True, layer_scale=True,
+                sample_scale=torch.tensor(scale, device=DEVICE))  # fmt: skip
+    check_against_fp64(M, 64, 48, spec, dtype, lead)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_layer_norm_prologue_large_mean(dtype):
     """LayerNorm -> GEMM with mean ~ 1000 x std (where a one-pass E[x^2] - E[x]^2 cancels) over K = 200
@@ -140,7 +154,7 @@ def test_layer_norm_prologue_large_mean(dtype):
         inputs = make_inputs(17, 200, 48, spec, dtype)
         x = inputs["x"]
         args = (x, inputs["weight"], inputs["bias"], None, None, inputs["ln_weight"], inputs["ln_bias"], None, None,
-                "none", 0.0, 1e-6, True, False, False, dtype)  # fmt: skip
+                None, "none", 0.0, 1e-6, True, False, False, dtype)  # fmt: skip
         _, _, mean, rstd, _ = _linear_fwd(*args)
         x64 = x.double()
         assert_close(mean, x64.mean(-1).float(), atol=0.0, rtol=1e-6, name="saved mean")
@@ -254,8 +268,8 @@ def test_layer_norm_linear_from_emitted_statistics(dtype, ln_mean):
         with use_backend("triton"):
             y, stats = linear(inputs["x"], inputs["weight"], inputs["bias"], residual=inputs["residual"],
                               return_stats=True)  # fmt: skip
-        args = (y, fc1["weight"], fc1["bias"], None, None, fc1["ln_weight"], fc1["ln_bias"], None, stats, "gelu",
-                0.0, 1e-6, True, False, False, dtype)  # fmt: skip
+        args = (y, fc1["weight"], fc1["bias"], None, None, fc1["ln_weight"], fc1["ln_bias"], None, stats, None,
+                "gelu", 0.0, 1e-6, True, False, False, dtype)  # fmt: skip
         _, _, mean, rstd, _ = _linear_fwd(*args)
         y64 = y.double()
         assert_close(mean, y64.mean(-1).float(), atol=1e-6, rtol=1e-6, name="saved mean")
@@ -422,6 +436,10 @@ def _bad_calls():
         "not a tensor": (TypeError, "weight", lambda: linear(x, w.tolist())),
         "integer x": (TypeError, "x", lambda: linear(x.long(), w)),
         "x_stats shape": (ValueError, "x_stats", lambda: layer_norm_linear(x, lw, None, w, x_stats=torch.randn(2, 1, 5))),
+        "sample_scale shape": (ValueError, "sample_scale", lambda: linear(x, w, sample_scale=torch.ones(5))),
+        "sample_scale without batch": (ValueError, "sample_scale", lambda: linear(x[0, 0], w, sample_scale=torch.ones(1))),
+        "sample_scale with grad": (ValueError, "sample_scale", lambda: linear(x, w, sample_scale=torch.ones(2, requires_grad=True))),
+        "sample_scale device": (ValueError, "sample_scale on meta", lambda: linear(x, w, sample_scale=torch.ones(2, device="meta"))),
         "x_stats dtype": (TypeError, "x_stats", lambda: layer_norm_linear(x, lw, None, w, x_stats=torch.randn(2, 1, 2, 5).half())),
         "x_stats device": (ValueError, "x_stats on meta", lambda: layer_norm_linear(x, lw, None, w, x_stats=torch.randn(2, 1, 2, 5, device="meta"))),
     }
@@ -435,20 +453,24 @@ def test_bad_input_is_rejected_before_launch(case):
 
 
 def test_custom_ops_pass_opcheck():
-    """Fake kernels, schemas and autograd registrations agree with the real ops (all fusions, dropout on)."""
+    """Fake kernels, schemas and autograd registrations agree with the real ops (all fusions, dropout and
+    a sample scale on)."""
     M, K, N, seed = 5, 16, 24, torch.tensor([7], device=DEVICE)
+    sample_scale = torch.tensor([0.0, 1.25], device=DEVICE)
     x, ln_w, ln_b = (torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((2, M, K), (K,), (K,)))
     w, b, ls = (torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((N, K), (N,), (N,)))
     residual = torch.randn(2, M, N, device=DEVICE, requires_grad=True)
     x_stats = linear(x.detach(), torch.eye(K, device=DEVICE), residual=x.detach() + 1, return_stats=True)[1]
     for ln in (False, True):
         args = (x, w, b, None if ln else residual, None if ln else ls, ln_w if ln else None, ln_b if ln else None,
-                seed, x_stats if ln else None, "gelu", 0.2, 1e-6, ln, True, not ln, torch.float32)  # fmt: skip
+                seed, x_stats if ln else None, None if ln else sample_scale, "gelu", 0.2, 1e-6, ln, True, not ln,
+                torch.float32)  # fmt: skip
         torch.library.opcheck(_linear_fwd, args)
         _, preact, mean, rstd, _ = _linear_fwd(*(a.detach() if torch.is_tensor(a) else a for a in args))
         bwd_args = (torch.randn(2, M, N, device=DEVICE), x.detach(), w.detach(), preact,
                     None if ln else ls.detach(), ln_w.detach() if ln else None, ln_b.detach() if ln else None,
-                    mean, rstd, seed, "gelu", 0.2, ln, [True, True, True, not ln, ln, ln])  # fmt: skip
+                    mean, rstd, seed, None if ln else sample_scale, "gelu", 0.2, ln,
+                    [True, True, True, not ln, ln, ln])  # fmt: skip
         torch.library.opcheck(_linear_bwd, bwd_args)
 
 
@@ -475,7 +497,7 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False,
-                 PREACT_GRAD="none", DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
+                 HAS_SAMPLE_SCALE=False, PREACT_GRAD="none", DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
     key = (tuple(flags.items()), "proj dW")
     picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, True)
     splits = {t["SPLIT_K"] for t in tried}

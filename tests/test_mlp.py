@@ -33,10 +33,10 @@ def make_inputs(M, D, hidden, N, dtype, lead=(2,), omit=()):
     return {name: t.to(DEVICE, dtype) for name, t in inputs.items()}
 
 
-def fused(t, activation="gelu", dropout_p=0.0):
+def fused(t, activation="gelu", dropout_p=0.0, sample_scale=None):
     return layer_norm_mlp(t["x"], t.get("ln_weight"), t.get("ln_bias"), t["fc1_weight"], t.get("fc1_bias"),
                           t["fc2_weight"], t.get("fc2_bias"), activation=activation, residual=t.get("residual"),
-                          layer_scale=t.get("layer_scale"), dropout_p=dropout_p)  # fmt: skip
+                          layer_scale=t.get("layer_scale"), dropout_p=dropout_p, sample_scale=sample_scale)  # fmt: skip
 
 
 def two_ops(t, activation="gelu", dropout_p=0.0):
@@ -46,7 +46,7 @@ def two_ops(t, activation="gelu", dropout_p=0.0):
                   dropout_p=dropout_p)  # fmt: skip
 
 
-def reference(t, activation="gelu"):
+def reference(t, activation="gelu", sample_scale=None):
     """Plain torch ops (fp64 inputs give the fp64 reference)."""
     x = F.layer_norm(t["x"], (t["x"].shape[-1],), t.get("ln_weight"), t.get("ln_bias"), 1e-6)
     h = F.linear(x, t["fc1_weight"], t.get("fc1_bias"))
@@ -55,6 +55,8 @@ def reference(t, activation="gelu"):
     y = F.linear(h, t["fc2_weight"], t.get("fc2_bias"))
     if "layer_scale" in t:
         y = y * t["layer_scale"]
+    if sample_scale is not None:
+        y = y * sample_scale.to(y).view(-1, *[1] * (y.dim() - 1))
     return t["residual"] + y if "residual" in t else y
 
 
@@ -66,16 +68,20 @@ def forward_backward(fn, inputs, grad_out):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_output_and_every_gradient_against_fp64(activation, dtype):
+@pytest.mark.parametrize("activation, sample_scale", [("gelu", None), ("gelu_tanh", None), ("gelu", (0.0, 2.5))],
+                         ids=["gelu", "gelu_tanh", "gelu-stochastic-depth"])  # fmt: skip
+def test_output_and_every_gradient_against_fp64(activation, sample_scale, dtype):
+    """Stochastic depth: one of the 2 samples dropped, the other scaled, 17 rows each (a boundary inside the
+    row tiles and the weight gradients' K-steps)."""
     inputs = make_inputs(17, 100, 200, 48, dtype)
     grad_out = torch.randn(2, 17, 48, dtype=torch.float64, device=DEVICE)
+    scale = None if sample_scale is None else torch.tensor(sample_scale, device=DEVICE)
     with use_backend("triton"):
-        ours, our_grads = forward_backward(lambda t: fused(t, activation), inputs, grad_out)
+        ours, our_grads = forward_backward(lambda t: fused(t, activation, sample_scale=scale), inputs, grad_out)
     with use_backend("torch"):
-        eager, eager_grads = forward_backward(lambda t: fused(t, activation), inputs, grad_out)
-    ref, ref_grads = forward_backward(lambda t: reference(t, activation), {k: v.double() for k, v in inputs.items()},
-                                      grad_out)  # fmt: skip
+        eager, eager_grads = forward_backward(lambda t: fused(t, activation, sample_scale=scale), inputs, grad_out)
+    ref, ref_grads = forward_backward(lambda t: reference(t, activation, scale),
+                                      {k: v.double() for k, v in inputs.items()}, grad_out)  # fmt: skip
     assert ours.dtype == dtype and ours.shape == (2, 17, 48)
     for name, actual, expected, base in [("y", ours, ref, eager)] + [
         (f"d{k}", our_grads[k], ref_grads[k], eager_grads[k]) for k in inputs
@@ -146,7 +152,7 @@ def test_reruns_are_bitwise_equal_and_no_grad_saves_nothing():
         (y0, g0), (y1, g1) = (forward_backward(fused, inputs, grad_out) for _ in range(2))
         with torch.no_grad():
             outputs = _mlp_fwd(inputs["x"], None, None, inputs["fc1_weight"], None, inputs["fc2_weight"], None, None,
-                               None, None, None, "gelu", 0.0, 1e-6, False, False, False, torch.bfloat16)  # fmt: skip
+                               None, None, None, None, "gelu", 0.0, 1e-6, False, False, False, torch.bfloat16)  # fmt: skip
     assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in inputs)
     assert [outputs[i].numel() for i in (2, 5, 6)] == [0, 0, 0]  # z, fc2's pre-activation, statistics: not asked for
 
@@ -191,6 +197,7 @@ def _bad_calls():
         "mixed dtypes": (TypeError, "fc2_weight", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2.double())),
         "mixed devices": (ValueError, "fc2_bias on meta", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2, torch.ones(6, device="meta"))),
         "x_stats shape": (ValueError, "x_stats", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2, x_stats=torch.randn(2, 1, 5))),
+        "sample_scale shape": (ValueError, "sample_scale", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2, sample_scale=torch.ones(5))),
     }  # fmt: skip
 
 
@@ -205,13 +212,14 @@ def test_bad_input_is_rejected_before_launch(case):
 def test_custom_ops_pass_opcheck():
     """Fake kernels, schemas and autograd registration agree with the real ops (every piece, dropout on)."""
     t = {k: v.requires_grad_() for k, v in make_inputs(5, 16, 40, 24, torch.float32).items()}
-    seed = torch.tensor([7], device=DEVICE)
+    seed, sample_scale = torch.tensor([7], device=DEVICE), torch.tensor([1.25, 0.0], device=DEVICE)
     x_stats = linear(t["x"].detach(), torch.eye(16, device=DEVICE), residual=t["x"].detach(), return_stats=True)[1]
     args = (t["x"], t["ln_weight"], t["ln_bias"], t["fc1_weight"], t["fc1_bias"], t["fc2_weight"], t["fc2_bias"],
-            t["residual"], t["layer_scale"], seed, x_stats, "gelu", 0.2, 1e-6, True, True, True, torch.float32)
+            t["residual"], t["layer_scale"], seed, x_stats, sample_scale, "gelu", 0.2, 1e-6, True, True, True,
+            torch.float32)
     torch.library.opcheck(_mlp_fwd, args)
     _, h, z, mean, rstd, fc2_preact, _ = _mlp_fwd(*(a.detach() if torch.is_tensor(a) else a for a in args))
     bwd_args = (torch.randn(2, 5, 24, device=DEVICE), t["x"].detach(), h, z, t["fc1_weight"].detach(),
                 t["fc2_weight"].detach(), fc2_preact, t["layer_scale"].detach(), t["ln_weight"].detach(),
-                t["ln_bias"].detach(), mean, rstd, seed, "gelu", 0.2, [True] * 8)  # fmt: skip
+                t["ln_bias"].detach(), mean, rstd, seed, sample_scale, "gelu", 0.2, [True] * 8)  # fmt: skip
     torch.library.opcheck(_mlp_bwd, bwd_args)

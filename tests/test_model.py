@@ -100,6 +100,30 @@ def test_at_most_five_launches_per_block():
     assert sum(counts[0].values()) == 1 + 1 + 5 + 1, f"embed, stats, block, head: {dict(counts[0])}"
 
 
+def test_stochastic_depth_matches_timm_and_stays_fused():
+    """In training, drop_path's per-sample factor is applied in the residual GEMM's epilogue (sample_scale):
+    a seeded run draws the same samples as timm's DropPath, so logits and every gradient match timm's, and
+    a block is still its five launches with no statistics pass."""
+    kwargs, model, timm_model = build(dict(drop_path_rate=0.6))  # block 1 at 0.6, block 0 at 0
+    model.train(), timm_model.train()
+    images = image_batch(kwargs, batch=4)
+    grad_out = torch.randn(4, kwargs["num_classes"], device=DEVICE)
+    results = []
+    for m in (model, timm_model):
+        torch.manual_seed(3)
+        with fastvit.count_launches() as launches:
+            logits = m(images)
+        logits.backward(grad_out)
+        results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters()}, launches.by_kernel))
+    (logits, grads, launches), (timm_logits, timm_grads, _) = results
+    with torch.no_grad():
+        assert not torch.allclose(logits, model.eval()(images), atol=1e-3), "seed 3 dropped no sample"
+    assert_close(logits, timm_logits, atol=1e-4, rtol=1e-4, name="train-mode logits vs timm")
+    for n, g in grads.items():
+        assert_close(g, timm_grads[n], atol=2e-4, rtol=2e-3, name=f"grad {n}")
+    assert launches["_row_stats_kernel"] == 1 and sum(launches.values()) == 1 + 1 + 5 * 2 + 1, dict(launches)
+
+
 def test_blocks_with_hooks_still_run_them_and_match():
     """A block with a forward hook is called as a module (the hook sees its tensor output) and takes its
     own LayerNorm statistics; the logits are the same as without the hook."""

@@ -1,7 +1,7 @@
 """fastvit.ops.linear and fastvit.ops.layer_norm_linear: every Linear of the ViT on one fused Triton GEMM
 (kernels/linear.py).
 
-    linear(x, W, b, act, residual, ls, p)        = residual + ls * dropout_p(act(x W^T + b))
+    linear(x, W, b, act, residual, ls, p, s)     = residual + s * ls * dropout_p(act(x W^T + b))
     layer_norm_linear(x, lw, lb, W, b, eps, act, p) = dropout_p(act(LN(x; lw, lb, eps) W^T + b))
 
 W keeps nn.Linear's (N, K) layout, so timm weights load unchanged. x may have any leading batch dims and
@@ -41,7 +41,7 @@ Saved for backward (Triton path), against eager PyTorch for the same sequence of
   weight gradient, so the fused op saves M x K elements less than eager.
 - the pre-activation z = x W^T + b (M x N, compute dtype) only when an activation follows or layer_scale
   needs a gradient: the same tensor eager saves as GELU's / LayerScale's input.
-- dropout saves one int64 seed instead of eager's M x N mask.
+- dropout saves one int64 seed instead of eager's M x N mask; stochastic depth its (batch,) sample_scale.
 - residual: nothing (its gradient is the upstream gradient itself).
 """
 from typing import Optional
@@ -66,7 +66,8 @@ def _no_tensor(like: torch.Tensor) -> torch.Tensor:
 def _linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
     layer_scale: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor], x_stats: Optional[torch.Tensor], activation: str, dropout_p: float, eps: float,
+    seed: Optional[torch.Tensor], x_stats: Optional[torch.Tensor], sample_scale: Optional[torch.Tensor],
+    activation: str, dropout_p: float, eps: float,
     has_ln: bool, save_preact: bool, emit_stats: bool, out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastvit.kernels.linear import linear_forward
@@ -76,7 +77,7 @@ def _linear_fwd(
         rows_view(x), weight, bias, None if residual is None else rows_view(residual), layer_scale,
         ln_weight, ln_bias, seed, activation=activation, dropout_p=dropout_p, eps=eps, has_ln=has_ln,
         save_preact=save_preact, out_dtype=out_dtype, emit_stats=emit_stats,
-        x_stats=None if x_stats is None else x_stats.reshape(2, x_stats.shape[1], -1),
+        x_stats=None if x_stats is None else x_stats.reshape(2, x_stats.shape[1], -1), sample_scale=sample_scale,
     )
     out_shape = (*x.shape[:-1], N)
     preact = _no_tensor(x) if preact is None else preact.view(out_shape)
@@ -87,8 +88,8 @@ def _linear_fwd(
 
 
 @_linear_fwd.register_fake
-def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats, activation, dropout_p, eps, has_ln,
-      save_preact, emit_stats, out_dtype):
+def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats, sample_scale, activation, dropout_p, eps,
+      has_ln, save_preact, emit_stats, out_dtype):
     from fastvit.kernels.linear import stats_groups
 
     out_shape = (*x.shape[:-1], weight.shape[0])
@@ -104,8 +105,8 @@ def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats,
 def _linear_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, preact: torch.Tensor,
     layer_scale: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-    mean: torch.Tensor, rstd: torch.Tensor, seed: Optional[torch.Tensor], activation: str, dropout_p: float,
-    has_ln: bool, needs: list[bool],
+    mean: torch.Tensor, rstd: torch.Tensor, seed: Optional[torch.Tensor], sample_scale: Optional[torch.Tensor],
+    activation: str, dropout_p: float, has_ln: bool, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """needs = which of (dx, dweight, dbias, dlayer_scale, dln_weight, dln_bias) to compute."""
     from fastvit.kernels.linear import linear_backward
@@ -113,7 +114,7 @@ def _linear_bwd(
     grads = linear_backward(
         rows_view(dy), rows_view(x), weight, rows_view(preact) if preact.numel() else None, layer_scale,
         ln_weight, ln_bias, mean if has_ln else None, rstd if has_ln else None, seed,
-        activation=activation, dropout_p=dropout_p, needs=tuple(needs),
+        activation=activation, dropout_p=dropout_p, needs=tuple(needs), sample_scale=sample_scale,
     )
     dx = grads[0]
     grads = (dx.view(x.shape) if dx is not None else None, *grads[1:])
@@ -121,8 +122,8 @@ def _linear_bwd(
 
 
 @_linear_bwd.register_fake
-def _(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, activation, dropout_p, has_ln,
-      needs):
+def _(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale, activation, dropout_p,
+      has_ln, needs):
     like = (x, weight, weight.new_empty((weight.shape[0],)), layer_scale, ln_weight, ln_bias)
     return tuple(
         torch.empty_like(t) if need and t is not None else x.new_empty((0,)) for t, need in zip(like, needs)
@@ -130,9 +131,10 @@ def _(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, _, activation, dropout_p, _, has_ln = inputs[:13]
+    x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, _, sample_scale, activation, dropout_p, _, has_ln = (
+        inputs[:14])
     _, preact, mean, rstd, stats = output
-    ctx.save_for_backward(x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed)
+    ctx.save_for_backward(x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale)
     ctx.activation, ctx.dropout_p, ctx.has_ln = activation, dropout_p, has_ln
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.present = [t is not None for t in (bias, residual, layer_scale, ln_weight, ln_bias)]
@@ -140,19 +142,19 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dpreact, _dmean, _drstd, _dstats):
-    x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
+    x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale = ctx.saved_tensors
     has_bias, has_residual, has_scale, has_ln_weight, has_ln_bias = ctx.present
     need = ctx.needs_input_grad
     needs = [need[0], need[1], need[2] and has_bias, need[4] and has_scale, need[5] and has_ln_weight,
              need[6] and has_ln_bias]
     grads = [None] * 6
     if any(needs):
-        grads = _linear_bwd(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed,
+        grads = _linear_bwd(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale,
                             ctx.activation, ctx.dropout_p, ctx.has_ln, needs)
         grads = [g if n else None for g, n in zip(grads, needs)]
     dx, dweight, dbias, dscale, dln_weight, dln_bias = grads
     dresidual = dy.to(ctx.residual_dtype) if need[3] and has_residual else None
-    return dx, dweight, dbias, dresidual, dscale, dln_weight, dln_bias, *[None] * 9
+    return dx, dweight, dbias, dresidual, dscale, dln_weight, dln_bias, *[None] * 10
 
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -192,7 +194,22 @@ def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, 
     return cast_to
 
 
-def _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, ln_in_fp32):
+def _check_sample_scale(sample_scale, x):
+    """sample_scale: None, or a per-sample factor (x.shape[0],) on x's device that needs no gradient (it is
+    stochastic depth's mask). Returns it as the kernels take it: contiguous fp32."""
+    if sample_scale is None:
+        return None
+    check_tensor("sample_scale", sample_scale, ndim=1)
+    if x.dim() < 2:
+        raise ValueError(f"sample_scale: needs a batch dim, x (..., K) with at least 2 dims, got {describe(x)}")
+    check_shape("sample_scale", sample_scale, (x.shape[0],))
+    check_same_device(x=x, sample_scale=sample_scale)
+    if sample_scale.requires_grad:
+        raise ValueError("sample_scale: a stochastic-depth mask carries no gradient; pass it detached")
+    return sample_scale.float().contiguous()
+
+
+def _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, ln_in_fp32, sample_scale=None):
     """The same computation in plain PyTorch with the same dtype policy (autocast already resolved)."""
     if ln is not None:
         ln_weight, ln_bias, eps = ln
@@ -204,6 +221,8 @@ def _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, l
         y = F.dropout(y, dropout_p, training=True)
     if layer_scale is not None:
         y = y * layer_scale
+    if sample_scale is not None:
+        y = y * sample_scale.to(y.dtype).view(-1, *[1] * (y.dim() - 1))
     if residual is not None:
         y = residual + y
     return y
@@ -238,10 +257,12 @@ def _out_dtype(compute, residual):
     return compute if residual is None else torch.promote_types(compute, residual.dtype)
 
 
-def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, x_stats=None, return_stats=False):
+def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, x_stats=None, return_stats=False,
+           sample_scale=None):
     cast_to = _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, ln=ln)
     if x_stats is not None:
         _check_x_stats(x_stats, x)
+    sample_scale = _check_sample_scale(sample_scale, x)
     compute = cast_to or weight.dtype
     weight, bias, layer_scale = _cast(compute, weight, bias, layer_scale)
     if ln is None:
@@ -251,34 +272,39 @@ def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, x_
     dropout_p = float(dropout_p)
     if not use_triton(x.device):
         with torch.autocast(x.device.type, enabled=False):
-            y = _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, cast_to is not None)
+            y = _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, cast_to is not None,
+                            sample_scale)  # fmt: skip
         return (y, None) if return_stats else y
 
     ln_weight, ln_bias, eps = ln if ln is not None else (None, None, 0.0)
     save_preact = activation is not None or (layer_scale is not None and layer_scale.requires_grad)
     save_preact = save_preact and _needs_grad(x, weight, bias, layer_scale, ln_weight, ln_bias)
     y, _, _, _, stats = _linear_fwd(x, weight, bias, residual, layer_scale, ln_weight, ln_bias,
-                                    _dropout_seed(dropout_p, x.device), x_stats, activation or "none", dropout_p,
-                                    float(eps), ln is not None, save_preact, return_stats, _out_dtype(compute, residual))  # fmt: skip
+                                    _dropout_seed(dropout_p, x.device), x_stats, sample_scale, activation or "none",
+                                    dropout_p, float(eps), ln is not None, save_preact, return_stats,
+                                    _out_dtype(compute, residual))  # fmt: skip
     return (y, stats) if return_stats else y
 
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
     residual: Optional[torch.Tensor] = None, layer_scale: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-    return_stats: bool = False,
+    return_stats: bool = False, sample_scale: Optional[torch.Tensor] = None,
 ):
-    """residual + layer_scale * dropout(act(x W^T + b)), each piece optional.
+    """residual + sample_scale * layer_scale * dropout(act(x W^T + b)), each piece optional.
 
     x (..., K); weight (N, K); bias, layer_scale (N,); residual (..., N); activation None, "gelu" (exact
-    erf) or "gelu_tanh"; dropout_p in [0, 1), applied when > 0. Returns y (..., N): in x's dtype, or under
-    autocast promote_types(autocast dtype, residual dtype) (see the module docstring).
+    erf) or "gelu_tanh"; dropout_p in [0, 1), applied when > 0; sample_scale (x.shape[0],), no gradient:
+    a factor per sample (leading dim) on the branch before the residual add, i.e. stochastic depth's
+    keep / (1 - p), fused so the residual add and the statistics stay in the epilogue. Returns y (..., N):
+    in x's dtype, or under autocast promote_types(autocast dtype, residual dtype) (see the module docstring).
 
     return_stats=True returns (y, y_stats): LayerNorm row statistics of y taken in the epilogue, for a
     following layer_norm_linear(y, ..., x_stats=y_stats) to skip its statistics pass (None when the torch
     backend ran). Treat y_stats as opaque and pair it only with this y.
     """
-    return _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, None, return_stats=return_stats)
+    return _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, None, return_stats=return_stats,
+                  sample_scale=sample_scale)  # fmt: skip
 
 
 def layer_norm_linear(

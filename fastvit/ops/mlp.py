@@ -1,10 +1,10 @@
 """fastvit.ops.layer_norm_mlp: a transformer block's MLP branch with its residual add, as two fused GEMMs
 whose backward forms GELU's gradient once, in between (kernels/linear.py).
 
-    layer_norm_mlp(x, ...) = residual + ls * dropout_p(act(LN(x) W1^T + b1) W2^T + b2)
+    layer_norm_mlp(x, ...) = residual + s * ls * dropout_p(act(LN(x) W1^T + b1) W2^T + b2)
 
 Forward: exactly layer_norm_linear (LN -> fc1 + bias -> GELU, saving z = LN(x) W1^T + b1) then linear (fc2
-+ bias, layer scale, dropout, residual, LayerNorm statistics for the next block): the same two launches
++ bias, layer scale, dropout, stochastic depth, residual, LayerNorm statistics for the next block): the same two launches
 and the same numbers as calling those two ops.
 
 Why one op: the backward. Called apart, fc1's backward receives dh, the gradient of GELU's output, and must
@@ -22,7 +22,7 @@ pre-activation when the layer scale needs a gradient: what the two ops save, so 
 LayerNorm's output.
 
 Not in this op: dropout between the activation and fc2 (timm's mlp.drop1; the model calls the two ops
-while it is active) and stochastic depth (the model adds the residual itself while it is active).
+while it is active).
 """
 from typing import Optional
 
@@ -31,8 +31,8 @@ import torch
 from fastvit.backend import use_triton
 
 from ._common import rows_view
-from .linear import (_cast, _check_x_stats, _dropout_seed, _needs_grad, _no_tensor, _out_dtype, _validate,
-                     layer_norm_linear, linear)  # fmt: skip
+from .linear import (_cast, _check_sample_scale, _check_x_stats, _dropout_seed, _needs_grad, _no_tensor, _out_dtype,
+                     _validate, layer_norm_linear, linear)  # fmt: skip
 
 
 @torch.library.custom_op("fastvit::mlp_fwd", mutates_args=())
@@ -40,7 +40,8 @@ def _mlp_fwd(
     x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], fc1_weight: torch.Tensor,
     fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
     residual: Optional[torch.Tensor], layer_scale: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-    x_stats: Optional[torch.Tensor], activation: str, dropout_p: float, eps: float, save_for_backward: bool,
+    x_stats: Optional[torch.Tensor], sample_scale: Optional[torch.Tensor], activation: str, dropout_p: float,
+    eps: float, save_for_backward: bool,
     save_fc2_preact: bool, emit_stats: bool, out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, z, mean, rstd, fc2_preact, stats): h = act(z) (M, hidden) and z (saved for the backward, else
@@ -56,6 +57,7 @@ def _mlp_fwd(
     y, fc2_preact, _, _, stats = linear_forward(
         h, fc2_weight, fc2_bias, None if residual is None else rows_view(residual), layer_scale, None, None, seed,
         dropout_p=dropout_p, save_preact=save_fc2_preact, out_dtype=out_dtype, emit_stats=emit_stats,
+        sample_scale=sample_scale,
     )  # fmt: skip
     stats = _no_tensor(x) if stats is None else stats.view(*stats.shape[:2], *x.shape[:-1])
     z, fc2_preact = (_no_tensor(x) if t is None else t for t in (z, fc2_preact))
@@ -64,7 +66,7 @@ def _mlp_fwd(
 
 @_mlp_fwd.register_fake
 def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, seed, x_stats,
-      activation, dropout_p, eps, save_for_backward, save_fc2_preact, emit_stats, out_dtype):
+      sample_scale, activation, dropout_p, eps, save_for_backward, save_fc2_preact, emit_stats, out_dtype):
     from fastvit.kernels.linear import stats_groups
 
     rows, hidden, N = x.numel() // x.shape[-1], fc1_weight.shape[0], fc2_weight.shape[0]
@@ -82,7 +84,8 @@ def _mlp_bwd(
     dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, z: torch.Tensor, fc1_weight: torch.Tensor,
     fc2_weight: torch.Tensor, fc2_preact: torch.Tensor, layer_scale: Optional[torch.Tensor],
     ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-    seed: Optional[torch.Tensor], activation: str, dropout_p: float, needs: list[bool],
+    seed: Optional[torch.Tensor], sample_scale: Optional[torch.Tensor], activation: str, dropout_p: float,
+    needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """needs = which of (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias,
@@ -95,7 +98,7 @@ def _mlp_bwd(
     dz, dw2, db2, dls, _, _ = linear_backward(
         rows_view(dy), h, fc2_weight, fc2_preact if fc2_preact.numel() else None, layer_scale, None, None, None,
         None, seed, dropout_p=dropout_p, needs=(need_fc1, need_dw2, need_db2, need_dls, False, False),
-        x_preact=z if activation != "none" else None, x_activation=activation,
+        x_preact=z if activation != "none" else None, x_activation=activation, sample_scale=sample_scale,
     )  # fmt: skip
     dx = dlw = dlb = dw1 = db1 = None
     if need_fc1:  # fc1 with LayerNorm, whose gradient GEMMs read dz as it is (no activation prologue)
@@ -108,8 +111,8 @@ def _mlp_bwd(
 
 
 @_mlp_bwd.register_fake
-def _(dy, x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, activation,
-      dropout_p, needs):
+def _(dy, x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale,
+      activation, dropout_p, needs):
     like = (x, ln_weight, ln_bias, fc1_weight, fc1_weight.new_empty((fc1_weight.shape[0],)), fc2_weight,
             fc2_weight.new_empty((fc2_weight.shape[0],)), layer_scale)
     return tuple(
@@ -118,18 +121,20 @@ def _(dy, x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, l
 
 
 def _setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, seed = inputs[:10]
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, seed, _, sample_scale = (
+        inputs[:12])
     _, h, z, mean, rstd, fc2_preact, stats = output
     ctx.save_for_backward(x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, ln_bias, mean, rstd,
-                          seed)  # fmt: skip
-    ctx.activation, ctx.dropout_p = inputs[11], inputs[12]
+                          seed, sample_scale)  # fmt: skip
+    ctx.activation, ctx.dropout_p = inputs[12], inputs[13]
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.present = [t is not None for t in (ln_weight, ln_bias, fc1_bias, fc2_bias, residual, layer_scale)]
     ctx.mark_non_differentiable(h, z, mean, rstd, fc2_preact, stats)
 
 
 def _backward(ctx, dy, *_):
-    x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
+    x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale = (
+        ctx.saved_tensors)
     has_ln_weight, has_ln_bias, has_fc1_bias, has_fc2_bias, has_residual, has_scale = ctx.present
     need = ctx.needs_input_grad
     needs = [need[0], need[1] and has_ln_weight, need[2] and has_ln_bias, need[3], need[4] and has_fc1_bias, need[5],
@@ -137,12 +142,12 @@ def _backward(ctx, dy, *_):
     grads = [None] * 8
     if any(needs):
         grads = _mlp_bwd(dy, x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, ln_bias, mean,
-                         rstd, seed, ctx.activation, ctx.dropout_p, needs)  # fmt: skip
+                         rstd, seed, sample_scale, ctx.activation, ctx.dropout_p, needs)  # fmt: skip
         grads = [g if n else None for g, n in zip(grads, needs)]
     dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dscale = grads
     dresidual = dy.to(ctx.residual_dtype) if need[7] and has_residual else None
     return (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dresidual, dscale,
-            *[None] * 9)  # fmt: skip
+            *[None] * 10)  # fmt: skip
 
 
 _mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -153,14 +158,16 @@ def layer_norm_mlp(
     fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor] = None,
     eps: float = 1e-6, activation: Optional[str] = "gelu", residual: Optional[torch.Tensor] = None,
     layer_scale: Optional[torch.Tensor] = None, dropout_p: float = 0.0, x_stats: Optional[torch.Tensor] = None,
-    return_stats: bool = False,
+    return_stats: bool = False, sample_scale: Optional[torch.Tensor] = None,
 ):
-    """residual + layer_scale * dropout(act(LayerNorm(x) W1^T + b1) W2^T + b2), each of residual,
-    layer_scale, dropout and the biases optional: timm's `x + ls2(mlp(norm2(x)))` in two launches.
+    """residual + sample_scale * layer_scale * dropout(act(LayerNorm(x) W1^T + b1) W2^T + b2), each of
+    residual, sample_scale, layer_scale, dropout and the biases optional: timm's
+    `x + drop_path2(ls2(mlp(norm2(x))))` in two launches.
 
     x (..., D); ln_weight, ln_bias (D,) or None; fc1_weight (hidden, D); fc1_bias (hidden,); fc2_weight
     (N, hidden); fc2_bias, layer_scale (N,); residual (..., N); activation "gelu" (exact erf), "gelu_tanh"
-    or None; dropout_p in [0, 1) after fc2 (timm's mlp.drop2); x_stats as for layer_norm_linear. Returns y
+    or None; dropout_p in [0, 1) after fc2 (timm's mlp.drop2); x_stats as for layer_norm_linear;
+    sample_scale (x.shape[0],) as for linear (stochastic depth's keep / (1 - p)). Returns y
     (..., N) with linear's dtype rules, or (y, y_stats) with return_stats=True as linear does. The same
     results as layer_norm_linear followed by linear; the backward is cheaper (module docstring).
     """
@@ -172,11 +179,12 @@ def layer_norm_mlp(
               names=("fc1's output", "fc2_weight", "fc2_bias"))  # fmt: skip
     if x_stats is not None:
         _check_x_stats(x_stats, x)
+    sample_scale = _check_sample_scale(sample_scale, x)
     dropout_p = float(dropout_p)
     if not use_triton(x.device):
         h = layer_norm_linear(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps, activation)
         return linear(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, dropout_p=dropout_p,
-                      return_stats=return_stats)  # fmt: skip
+                      return_stats=return_stats, sample_scale=sample_scale)  # fmt: skip
 
     compute = cast_to or fc1_weight.dtype
     fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale = _cast(compute, fc1_weight, fc1_bias, fc2_weight,
@@ -186,6 +194,7 @@ def layer_norm_mlp(
     save_for_backward = _needs_grad(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     save_fc2_preact = save_for_backward and layer_scale is not None and layer_scale.requires_grad
     y, *_, stats = _mlp_fwd(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale,
-                            _dropout_seed(dropout_p, x.device), x_stats, activation or "none", dropout_p, float(eps),
-                            save_for_backward, save_fc2_preact, return_stats, _out_dtype(compute, residual))  # fmt: skip
+                            _dropout_seed(dropout_p, x.device), x_stats, sample_scale, activation or "none", dropout_p,
+                            float(eps), save_for_backward, save_fc2_preact, return_stats,
+                            _out_dtype(compute, residual))  # fmt: skip
     return (y, stats) if return_stats else y
