@@ -65,6 +65,7 @@ def _device_slug():
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     config.addinivalue_line("markers", "full_only: part of the full benchmark matrix (--bench-full) only")
+    config.addinivalue_line("markers", "headline: an issue's target comparison: runs first")
     config.option.benchmark_timer = "benchlib.synchronized_timer"  # importable: pytest put benchmarks/ on sys.path
     if not config.option.benchmark_json:
         RESULTS.mkdir(exist_ok=True)
@@ -74,9 +75,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The whole-model results first (the headline, should a --bench-budget run out), then the kernels;
-    quick mode keeps the expensive cases (marked full_only) out unless --bench-full."""
-    items.sort(key=lambda item: item.path.name != "test_bench_model.py")  # stable: file order otherwise
+    """The issues' target comparisons first (marked headline): the block GEMMs against eager and cuBLAS
+    (seconds), then ViT-B/16 at batch 256 against timm and torch.compile(timm) (compiles: minutes); then
+    the other whole-model results, then the kernels. A --bench-budget that runs out cuts the least needed.
+    Quick mode keeps the expensive cases (marked full_only) out unless --bench-full."""
+
+    def rank(item):
+        model = item.path.name == "test_bench_model.py"
+        return (0 if not model else 1) if item.get_closest_marker("headline") else (2 if model else 3)
+
+    items.sort(key=rank)  # stable: file order within a rank
     if config.getoption("--bench-full"):
         return
     skip = pytest.mark.skip(reason="part of the full matrix only: run with --bench-full")

@@ -51,8 +51,10 @@ def _initialised_pair(name, kwargs):
 
 
 def _case_marks(vit, batch, provider):
+    """Compiles only where QUICK says (outside --bench-full); ViT-B/16 at batch 256 is the issue's target."""
     compiled = provider == "torch.compile(timm)"
-    return [pytest.mark.full_only] if compiled and (vit, batch, provider) not in QUICK else []
+    marks = [pytest.mark.full_only] if compiled and (vit, batch, provider) not in QUICK else []
+    return marks + ([pytest.mark.headline] if (vit, batch) == ("base", 256) else [])
 
 
 def _cases(batches):
