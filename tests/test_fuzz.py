@@ -97,10 +97,37 @@ def test_linear(data, lead, K, N, dtype, layout):
     x, weight, bias, activation = _linear_case(data, lead, K, N, dtype, layout)
     residual = optional(data.draw, (*lead, N), dtype)
     layer_scale = optional(data.draw, (N,), dtype)
+    sample_scale = _sample_scale(data, lead)
     check_against_torch(
-        lambda x, w, b, r, s: ops.linear(x, w, b, activation, residual=r, layer_scale=s),
+        lambda x, w, b, r, s: ops.linear(x, w, b, activation, residual=r, layer_scale=s, sample_scale=sample_scale),
         (x, weight, bias, residual, layer_scale), dtype,
     )
+
+
+def _sample_scale(data, lead):
+    """None, or stochastic depth's factor per sample of the leading dim: 0 (dropped) or 1 / keep."""
+    if not data.draw(st.booleans()):
+        return None
+    return torch.tensor(data.draw(st.lists(st.sampled_from((0.0, 1.25, 2.0)), min_size=lead[0], max_size=lead[0])),
+                        device=DEVICE)  # fmt: skip
+
+
+@FUZZ
+@given(data=st.data(), lead=lead_dims, D=st.integers(1, 40), hidden=st.integers(1, 80), N=st.integers(1, 40),
+       dtype=dtypes, layout=layouts)  # fmt: skip
+def test_layer_norm_mlp(data, lead, D, hidden, N, dtype, layout):
+    x = random((*lead, D), dtype, layout, scale=3.0)
+    ln_weight, ln_bias = optional(data.draw, (D,), dtype), optional(data.draw, (D,), dtype)
+    fc1_weight, fc1_bias = random((hidden, D), dtype, scale=D**-0.5), optional(data.draw, (hidden,), dtype)
+    fc2_weight, fc2_bias = random((N, hidden), dtype, scale=hidden**-0.5), optional(data.draw, (N,), dtype)
+    residual, layer_scale = optional(data.draw, (*lead, N), dtype), optional(data.draw, (N,), dtype)
+    activation = data.draw(st.sampled_from((None, "gelu", "gelu_tanh")))
+    sample_scale = _sample_scale(data, lead)
+    check_against_torch(
+        lambda x, lw, lb, w1, b1, w2, b2, r, s: ops.layer_norm_mlp(
+            x, lw, lb, w1, b1, w2, b2, activation=activation, residual=r, layer_scale=s, sample_scale=sample_scale),
+        (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale), dtype,
+    )  # fmt: skip
 
 
 @FUZZ
