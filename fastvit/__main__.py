@@ -51,6 +51,8 @@ def _op_parity_rows(torch):
         "qkv_attention": (lambda qkv: ops.qkv_attention(qkv, H), (r(B, N, 3 * D),)),
         "layer_norm_linear > gelu (fc1)": (lambda *a: ops.layer_norm_linear(*a, activation="gelu"), (x, lw, lb, w, b)),
         "linear + residual (fc2)": (lambda a, w_, b_, res: ops.linear(a, w_, b_, residual=res), (r(B, N, 4 * D), w2, b2, x)),
+        "layer_norm_mlp + residual (MLP branch)": (
+            lambda x_, *a: ops.layer_norm_mlp(x_, *a, residual=x_), (x, lw, lb, r(4 * D, D) * 0.1, r(4 * D), w2, b2)),
     }
     rows = []
     for name, (fn, args) in cases.items():
