@@ -19,7 +19,9 @@ Backward, with d = s * dy * keep / (1 - p) (the dropout mask regenerated from th
 
 dGELU is fused from the *saved* pre-activation z (the tensor eager's GELU saves too), not recomputed: a
 recompute would be a third GEMM. The dropout mask is never stored: tl.rand(seed, m * N + n) gives the same
-keep decision in the forward epilogue and in both backward prologues.
+keep decision in the forward epilogue and in both backward prologues. The per-sample factor s scales
+dy's rows: in GEMM 2 they are the reduction (a prologue factor on A's columns), in GEMM 1 they are C's
+rows, so it is applied in the epilogue there and A stays on the plain (asynchronous) path.
 
 Where the GEMM that consumes a GELU's output is known (the MLP: fc2 reads fc1's h = GELU(z)), dGELU moves
 to that GEMM's dx *epilogue* instead (PREACT_GRAD): dz = (dy W2) * GELU'(z) is formed once per element
