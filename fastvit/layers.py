@@ -128,16 +128,11 @@ def block_forward(block: nn.Module, x: torch.Tensor, x_stats=None, return_stats:
     proj = functools.partial(ops.linear, o, attn.proj.weight, attn.proj.bias)
     x, x_stats = _residual_branch(proj, block.ls1, block.drop_path1, attn.proj_drop, x)
 
-    activation = gelu_name(mlp.act)
-    if _active_p(mlp.drop1):  # dropout between GELU and fc2 (in fc1's epilogue): the MLP as its two ops
-        h = ops.layer_norm_linear(x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias, eps=norm2.eps,
-                                  activation=activation, dropout_p=_active_p(mlp.drop1), x_stats=x_stats)  # fmt: skip
-        branch = functools.partial(ops.linear, h, mlp.fc2.weight, mlp.fc2.bias)
-    else:  # one op, whose backward forms GELU's gradient once (fastvit/ops/mlp.py)
-        branch = functools.partial(ops.layer_norm_mlp, x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
-                                   mlp.fc2.weight, mlp.fc2.bias, eps=norm2.eps, activation=activation,
-                                   x_stats=x_stats)  # fmt: skip
-    x, x_stats = _residual_branch(branch, block.ls2, block.drop_path2, mlp.drop2, x)
+    # one op, whose backward forms GELU's gradient once (fastvit/ops/mlp.py)
+    mlp_branch = functools.partial(ops.layer_norm_mlp, x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
+                                   mlp.fc2.weight, mlp.fc2.bias, eps=norm2.eps, activation=gelu_name(mlp.act),
+                                   x_stats=x_stats, hidden_dropout_p=_active_p(mlp.drop1))  # fmt: skip
+    x, x_stats = _residual_branch(mlp_branch, block.ls2, block.drop_path2, mlp.drop2, x)
     return (x, x_stats) if return_stats else x
 
 

@@ -235,6 +235,7 @@ def _linear_kernel(
     Rstd,  # fp32 row 1/std of x, likewise; or None
     StatsIn,  # (2, cdiv(K, STATS_GROUP), M) per-group statistics of x (STATS_IN), any strides; or None
     Seed,  # (1,) int64 dropout seed, or None
+    PreactSeed,  # (1,) int64 seed of the dropout after the producer's activation (PREACT_DROPOUT), or None
     Z,  # saved pre-activation (dy's shape), row stride stride_zm, for GRAD_A; or None
     stride_cm, stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_zm,
     stride_c_split,  # C's stride between split-K partials (0 without a split)
@@ -244,6 +245,7 @@ def _linear_kernel(
     n_fwd,  # columns of the forward output y (dropout counters are m * n_fwd + n)
     rows_per_sample,  # rows of y per SampleScale entry (row indices fit int32: the row count is < 2^31)
     dropout_p,
+    preact_dropout_p,  # that producer dropout's probability
     eps,  # LayerNorm's, for STATS_IN
     LN_A: tl.constexpr,  # A is x: LayerNorm it in the prologue (forward)
     LN_B: tl.constexpr,  # B is x: LayerNorm it in the prologue (weight gradient)
@@ -262,6 +264,7 @@ def _linear_kernel(
     HAS_RESIDUAL: tl.constexpr,
     SAVE_PREACT: tl.constexpr,
     PREACT_GRAD: tl.constexpr,  # "none", or the activation that made this dx GEMM's x from Preact: store dx * act'(z)
+    PREACT_DROPOUT: tl.constexpr,  # that x was also dropped out after the activation: the mask applies first
     STATS_OUT: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
     ZERO_PADS: tl.constexpr,  # zero a LayerNorm-ed tile's padded lanes (before sm_90: unmasked, it spills)
@@ -375,7 +378,12 @@ def _linear_kernel(
         acc += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if SAVE_PREACT:
         tl.store(Preact + c_offsets, acc.to(Preact.dtype.element_ty), mask=c_mask)
-    if PREACT_GRAD != "none":  # the gradient of the producer's pre-activation, formed once per element here
+    # the gradient of the producer's pre-activation, formed once per element here: through its dropout
+    # (the mask regenerated over C's (M, N), the producer's output) and its activation
+    if PREACT_DROPOUT:
+        keep = _dropout_keep(PreactSeed, rows[:, None], cols[None, :], N, preact_dropout_p)
+        acc = tl.where(keep, acc * (1.0 / (1.0 - preact_dropout_p)), 0.0)
+    if PREACT_GRAD != "none":
         acc *= _activation_grad(tl.load(Preact + c_offsets, mask=c_mask, other=0.0).to(tl.float32), PREACT_GRAD)
     if not GRAD_A:
         acc = _activation(acc, ACTIVATION)
@@ -455,8 +463,8 @@ def _fit_to_fusions(tile: dict, flags: dict) -> dict:
     """Shrink a tile where the fusions hold many live fp32 values per element, so nothing spills (checked
     by compile_configs on sm_90 and sm_80): a GELU / dropout / layer-scale gradient prologue halves
     BLOCK_K, and more when B is LayerNorm-ed too (on sm_80 both operands then pass through registers); a
-    LayerNorm-ed B runs at most 3 stages (2 next to a dz prologue in fp32); epilogue dropout (philox per
-    element) caps BLOCK_N at 64, and so does an activation gradient in the epilogue (PREACT_GRAD: erf and
+    LayerNorm-ed B runs at most 3 stages (2 next to a dz prologue in fp32); a dropout mask in the epilogue
+    (philox per element: the forward's, or the producer's in PREACT_DROPOUT) caps BLOCK_N at 64, and so does an activation gradient in the epilogue (PREACT_GRAD: erf and
     exp per element) on fp32 tiles (16-bit ones fit, at 255 registers); a per-sample scale on an fp32 weight
     gradient's dy^T tile takes BLOCK_K = 16. Checked with triton 3.6 and 3.8."""
     tile = dict(tile)
@@ -471,7 +479,7 @@ def _fit_to_fusions(tile: dict, flags: dict) -> dict:
         tile["BLOCK_K"] //= 2
     if flags["LN_B"]:  # the LayerNorm-ed operand's statistics and affine stay live across the stages
         tile["num_stages"] = min(tile["num_stages"], 3)
-    if flags["DROPOUT"] and not flags["GRAD_A"]:
+    if (flags["DROPOUT"] and not flags["GRAD_A"]) or flags["PREACT_DROPOUT"]:  # a dropout mask in the epilogue
         tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
     if flags["PREACT_GRAD"] != "none" and flags["DOT_DTYPE"] == tl.float32:
         tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
@@ -532,11 +540,13 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split) -> dict:
 def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, preact=None,
           row_sum=None, row_sum_u=None, stats_out=None, bias=None, residual=None, scale=None, sample_scale=None,
           ln_weight=None, ln_bias=None, mean=None, rstd=None, stats_in=None, eps=0.0, seed=None, z=None, ln_a=False,
-          ln_b=False, grad_a=False, trans_a=False, activation="none", preact_activation="none"):
+          ln_b=False, grad_a=False, trans_a=False, activation="none", preact_activation="none", preact_seed=None,
+          preact_dropout_p=0.0):
     """out (M, N) = epilogue(prologue(A) @ prologue(B)) with A (M, K), B (K, N) given by their strides.
 
     out, preact: contiguous (M, N); preact is written, or with preact_activation != "none" read (out is
-    then multiplied by preact_activation'(preact)); residual, z: unit column stride; stats_out: contiguous
+    then multiplied by preact_activation'(preact), after the mask of the dropout (preact_seed,
+    preact_dropout_p) that followed that activation); residual, z: unit column stride; stats_out: contiguous
     (2, cdiv(N, STATS_GROUP), M); stats_in: (2, cdiv(K, STATS_GROUP), M), any strides, with mean and rstd
     then written; sample_scale: contiguous fp32 (samples,), dividing the forward's n_rows rows evenly.
     Flags follow the pointers given."""
@@ -546,6 +556,7 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         ROWSUM_DU=row_sum_u is not None, HAS_BIAS=bias is not None, ACTIVATION=activation,
         HAS_SCALE=scale is not None, HAS_SAMPLE_SCALE=sample_scale is not None, DROPOUT=dropout_p > 0, HAS_RESIDUAL=residual is not None,
         SAVE_PREACT=preact is not None and preact_activation == "none", PREACT_GRAD=preact_activation,
+        PREACT_DROPOUT=preact_dropout_p > 0,
         STATS_OUT=stats_out is not None,
         DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision(dot_dtype),
     )
@@ -569,10 +580,10 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), splits)
         _linear_kernel[grid](
             c, preact, c_row_sum, c_row_sum_u, stats_out, a, b, bias, residual, scale, sample_scale, ln_weight,
-            ln_bias, mean, rstd, stats_in, seed, z, out.stride(0), *a_strides, *b_strides,
+            ln_bias, mean, rstd, stats_in, seed, preact_seed, z, out.stride(0), *a_strides, *b_strides,
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
             c.stride(0) if splits > 1 else 0, *(stats_in.stride() if stats_in is not None else (0, 0, 0)),
-            M, N, K, k_per_split, n_fwd, rows_per_sample, dropout_p, eps, **flags, EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0,
+            M, N, K, k_per_split, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, eps, **flags, EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0,
             ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
         )  # fmt: skip
         if splits > 1:
@@ -651,7 +662,7 @@ def linear_forward(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, s
 
 def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, *,
                     activation="none", dropout_p=0.0, needs=(True,) * 6, x_preact=None, x_activation="none",
-                    sample_scale=None):
+                    x_seed=None, x_dropout_p=0.0, sample_scale=None):
     """Gradients of linear_forward (without the residual's, which is dy itself).
 
     dy: (M, N) unit column stride; x, weight, layer_scale, ln_weight, ln_bias, seed as in the forward;
@@ -661,10 +672,11 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
     x's dtype, dweight and dbias in weight's, dlayer_scale in its own, LayerNorm's in their own.
 
     sample_scale: the forward's, if any.
-    x_preact, x_activation: when x = x_activation(x_preact) (the GEMM before this one saved its
-    pre-activation, contiguous (M, K), no LayerNorm here), dx comes back as the gradient of x_preact: the
-    dx GEMM's epilogue multiplies by x_activation'(x_preact), so the previous GEMM's backward needs no
-    activation prologue (the MLP's fc2 -> fc1 hand-off).
+    x_preact, x_activation, x_seed, x_dropout_p: when x = dropout(x_activation(x_preact)) (the GEMM before
+    this one saved its pre-activation, contiguous (M, K), and drew its dropout from x_seed; no LayerNorm
+    here), dx comes back as the gradient of x_preact: the dx GEMM's epilogue applies the dropout mask and
+    x_activation'(x_preact), so the previous GEMM's backward needs no prologue (the MLP's fc2 -> fc1
+    hand-off).
     """
     need_dx, need_dw, need_db, need_dls, need_dlw, need_dlb = needs
     M, N = dy.shape
@@ -678,7 +690,7 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
         # dx_in = dz W, kept in fp32 when LayerNorm's backward still has to consume it
         dx_in = new_output((M, K), torch.float32 if has_ln else x.dtype, x.device)
         _gemm(dx_in, dy, weight, dy.stride(), weight.stride(), M, K, N, preact=x_preact,
-              preact_activation=x_activation, **prologue)  # fmt: skip
+              preact_activation=x_activation, preact_seed=x_seed, preact_dropout_p=x_dropout_p, **prologue)  # fmt: skip
         dx = dx_in
         if has_ln:
             dx, dln_weight, dln_bias = layer_norm_backward(dx_in, x, ln_weight, mean, rstd, need_dlw, need_dlb)
@@ -708,7 +720,7 @@ def compile_configs():
     ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
     matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
     pointers = ("C", "Preact", "RowSum", "RowSumU", "StatsOut", "A", "B", "Bias", "Residual", "Scale", "SampleScale",
-                "LnW", "LnB",
+                "LnW", "LnB", "PreactSeed",
                 "Mean", "Rstd", "StatsIn", "Seed", "Z")
     uses = {  # label -> (pointers used, flags): the fused ops of one block, the head and their gradients
         "LN->qkv+bias": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd"},
@@ -721,6 +733,10 @@ def compile_configs():
         "LN(handed-on stats)->fc1+bias+gelu": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd", "StatsIn", "Preact"},
                                                dict(LN_A=True, STATS_IN=True, HAS_LN_W=True, HAS_LN_B=True,
                                                     HAS_BIAS=True, ACTIVATION="gelu", SAVE_PREACT=True)),
+        "LN(handed-on stats)->fc1+bias+gelu+dropout": (
+            {"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd", "StatsIn", "Preact", "Seed"},
+            dict(LN_A=True, STATS_IN=True, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True, ACTIVATION="gelu",
+                 SAVE_PREACT=True, DROPOUT=True)),
         "fc2+bias+dropout+ls+residual": ({"A", "B", "Bias", "Residual", "Scale", "Seed", "Preact", "StatsOut"},
                                          dict(HAS_BIAS=True, DROPOUT=True, HAS_SCALE=True, HAS_RESIDUAL=True,
                                               SAVE_PREACT=True, STATS_OUT=True)),
@@ -731,6 +747,9 @@ def compile_configs():
         "dx, drop path": ({"A", "B", "SampleScale"}, dict(GRAD_A=True, HAS_SAMPLE_SCALE=True)),
         "dx into gelu's input, drop path": ({"A", "B", "Preact", "SampleScale"},
                                             dict(GRAD_A=True, PREACT_GRAD="gelu", HAS_SAMPLE_SCALE=True)),
+        "dx into gelu+dropout's input, dropout": ({"A", "B", "Preact", "Seed", "PreactSeed"},
+                                                  dict(GRAD_A=True, PREACT_GRAD="gelu", PREACT_DROPOUT=True,
+                                                       DROPOUT=True)),
         "dx through gelu": ({"A", "B", "Z"}, dict(GRAD_A=True, ACTIVATION="gelu")),
         "dx into gelu's input": ({"A", "B", "Preact"}, dict(GRAD_A=True, PREACT_GRAD="gelu")),
         "dW+db": ({"A", "B", "RowSum"}, dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True)),
@@ -744,7 +763,8 @@ def compile_configs():
     }
     off = dict(LN_A=False, LN_B=False, STATS_IN=False, STATS_OUT=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False,
                TRANS_A=False, ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False,
-               HAS_SAMPLE_SCALE=False, DROPOUT=False, HAS_RESIDUAL=False, SAVE_PREACT=False, PREACT_GRAD="none")
+               HAS_SAMPLE_SCALE=False, DROPOUT=False, HAS_RESIDUAL=False, SAVE_PREACT=False, PREACT_GRAD="none",
+               PREACT_DROPOUT=False)
     configs = []
     for D in (384, 768, 1024, 1280):
         block_m, block_d, num_warps = layer_norm_config(D)
@@ -764,14 +784,14 @@ def compile_configs():
             types = {name: f"*{dtype}" for name in used}
             types.update({name: "*fp32" for name in ("RowSum", "RowSumU", "Mean", "Rstd", "StatsOut", "StatsIn",
                                                      "SampleScale") if name in used})  # fmt: skip
-            types.update({"Seed": "*i64"} if "Seed" in used else {})
+            types.update({name: "*i64" for name in ("Seed", "PreactSeed") if name in used})
             types.update({"A": f"*{stream}" if flags.get("LN_A") else f"*{dtype}",
                           "Residual": "*fp32", "C": "*fp32" if flags.get("HAS_RESIDUAL") else f"*{dtype}"})
             types = {k: v for k, v in types.items() if k in used or k == "C"}
             # row strides, N and K are multiples of 16 at ViT widths (the JIT specialises on that); M is not
             ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                                 "stride_rm", "stride_zm", "N", "K", "n_fwd")}
-            ints.update(M="i32", rows_per_sample="i32", dropout_p="fp32", eps="fp32", stride_s_kind="i32", stride_s_group="i32",
+            ints.update(M="i32", rows_per_sample="i32", dropout_p="fp32", preact_dropout_p="fp32", eps="fp32", stride_s_kind="i32", stride_s_group="i32",
                         stride_s_row="i32", stride_c_split="i32:16", k_per_split="i32:16")
             # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows
             # when B is W^T (forward), else B's columns

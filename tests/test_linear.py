@@ -497,7 +497,7 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False,
-                 HAS_SAMPLE_SCALE=False, PREACT_GRAD="none", DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
+                 HAS_SAMPLE_SCALE=False, PREACT_GRAD="none", PREACT_DROPOUT=False, DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
     key = (tuple(flags.items()), "proj dW")
     picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, True)
     splits = {t["SPLIT_K"] for t in tried}

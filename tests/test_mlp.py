@@ -33,15 +33,16 @@ def make_inputs(M, D, hidden, N, dtype, lead=(2,), omit=()):
     return {name: t.to(DEVICE, dtype) for name, t in inputs.items()}
 
 
-def fused(t, activation="gelu", dropout_p=0.0, sample_scale=None):
+def fused(t, activation="gelu", dropout_p=0.0, sample_scale=None, hidden_dropout_p=0.0):
     return layer_norm_mlp(t["x"], t.get("ln_weight"), t.get("ln_bias"), t["fc1_weight"], t.get("fc1_bias"),
                           t["fc2_weight"], t.get("fc2_bias"), activation=activation, residual=t.get("residual"),
-                          layer_scale=t.get("layer_scale"), dropout_p=dropout_p, sample_scale=sample_scale)  # fmt: skip
+                          layer_scale=t.get("layer_scale"), dropout_p=dropout_p, sample_scale=sample_scale,
+                          hidden_dropout_p=hidden_dropout_p)  # fmt: skip
 
 
-def two_ops(t, activation="gelu", dropout_p=0.0):
+def two_ops(t, activation="gelu", dropout_p=0.0, hidden_dropout_p=0.0):
     h = layer_norm_linear(t["x"], t.get("ln_weight"), t.get("ln_bias"), t["fc1_weight"], t.get("fc1_bias"),
-                          activation=activation)  # fmt: skip
+                          activation=activation, dropout_p=hidden_dropout_p)  # fmt: skip
     return linear(h, t["fc2_weight"], t.get("fc2_bias"), residual=t.get("residual"), layer_scale=t.get("layer_scale"),
                   dropout_p=dropout_p)  # fmt: skip
 
@@ -129,17 +130,21 @@ def test_statistics_hand_off_and_launches():
     assert backward.by_kernel == {"_linear_kernel": 4, "_layer_norm_bwd_kernel": 1}, backward
 
 
-def test_dropout_after_fc2_matches_the_two_ops():
-    """One seed per call from torch's generator, as linear draws it: the same mask forward and backward."""
+@pytest.mark.parametrize("hidden_p, p", [(0.0, 0.3), (0.4, 0.0), (0.4, 0.3)])
+def test_dropouts_match_the_two_ops(hidden_p, p):
+    """Each dropout draws one seed from torch's generator (the hidden one first), as the two ops do: the
+    same masks forward, and backward the hidden mask regenerated in fc2's dx epilogue."""
     inputs = make_inputs(17, 64, 200, 48, torch.float32)
     grad_out = torch.randn(2, 17, 48, device=DEVICE)
     runs = []
     with use_backend("triton"):
         for fn in (fused, two_ops):
             torch.manual_seed(4)
-            runs.append(forward_backward(lambda t: fn(t, dropout_p=0.3), inputs, grad_out))
+            runs.append(forward_backward(lambda t: fn(t, dropout_p=p, hidden_dropout_p=hidden_p), inputs, grad_out))
+        torch.manual_seed(4)
+        undropped = fused(inputs)
     (y, grads), (y_two, grads_two) = runs
-    assert torch.equal(y, y_two) and (y == inputs["residual"]).any()  # some outputs dropped
+    assert torch.equal(y, y_two) and not torch.allclose(y, undropped)
     for name in inputs:
         assert_close(grads[name], grads_two[name], atol=1e-4 * max(1.0, grads_two[name].abs().max().item()),
                      name=f"d{name} with dropout")  # fmt: skip
@@ -152,7 +157,8 @@ def test_reruns_are_bitwise_equal_and_no_grad_saves_nothing():
         (y0, g0), (y1, g1) = (forward_backward(fused, inputs, grad_out) for _ in range(2))
         with torch.no_grad():
             outputs = _mlp_fwd(inputs["x"], None, None, inputs["fc1_weight"], None, inputs["fc2_weight"], None, None,
-                               None, None, None, None, "gelu", 0.0, 1e-6, False, False, False, torch.bfloat16)  # fmt: skip
+                               None, None, None, None, None, "gelu", 0.0, 0.0, 1e-6, False, False, False,
+                               torch.bfloat16)  # fmt: skip
     assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in inputs)
     assert [outputs[i].numel() for i in (2, 5, 6)] == [0, 0, 0]  # z, fc2's pre-activation, statistics: not asked for
 
@@ -194,6 +200,7 @@ def _bad_calls():
         "ln_weight length": (ValueError, "weight", lambda: layer_norm_mlp(x, torch.ones(7), lb, w1, None, w2)),
         "unknown activation": (ValueError, "activation", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2, activation="relu")),
         "dropout_p": (ValueError, "dropout_p", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2, dropout_p=-0.1)),
+        "hidden_dropout_p": (ValueError, "hidden_dropout_p", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2, hidden_dropout_p=1.0)),
         "mixed dtypes": (TypeError, "fc2_weight", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2.double())),
         "mixed devices": (ValueError, "fc2_bias on meta", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2, torch.ones(6, device="meta"))),
         "x_stats shape": (ValueError, "x_stats", lambda: layer_norm_mlp(x, lw, lb, w1, None, w2, x_stats=torch.randn(2, 1, 5))),
@@ -210,16 +217,18 @@ def test_bad_input_is_rejected_before_launch(case):
 
 
 def test_custom_ops_pass_opcheck():
-    """Fake kernels, schemas and autograd registration agree with the real ops (every piece, dropout on)."""
+    """Fake kernels, schemas and autograd registration agree with the real ops (every piece, both dropouts on)."""
     t = {k: v.requires_grad_() for k, v in make_inputs(5, 16, 40, 24, torch.float32).items()}
-    seed, sample_scale = torch.tensor([7], device=DEVICE), torch.tensor([1.25, 0.0], device=DEVICE)
+    hidden_seed, seed = torch.tensor([5], device=DEVICE), torch.tensor([7], device=DEVICE)
+    sample_scale = torch.tensor([1.25, 0.0], device=DEVICE)
     x_stats = linear(t["x"].detach(), torch.eye(16, device=DEVICE), residual=t["x"].detach(), return_stats=True)[1]
     args = (t["x"], t["ln_weight"], t["ln_bias"], t["fc1_weight"], t["fc1_bias"], t["fc2_weight"], t["fc2_bias"],
-            t["residual"], t["layer_scale"], seed, x_stats, sample_scale, "gelu", 0.2, 1e-6, True, True, True,
-            torch.float32)
+            t["residual"], t["layer_scale"], hidden_seed, seed, x_stats, sample_scale, "gelu", 0.1, 0.2, 1e-6, True,
+            True, True, torch.float32)
     torch.library.opcheck(_mlp_fwd, args)
     _, h, z, mean, rstd, fc2_preact, _ = _mlp_fwd(*(a.detach() if torch.is_tensor(a) else a for a in args))
     bwd_args = (torch.randn(2, 5, 24, device=DEVICE), t["x"].detach(), h, z, t["fc1_weight"].detach(),
                 t["fc2_weight"].detach(), fc2_preact, t["layer_scale"].detach(), t["ln_weight"].detach(),
-                t["ln_bias"].detach(), mean, rstd, seed, sample_scale, "gelu", 0.2, [True] * 8)  # fmt: skip
+                t["ln_bias"].detach(), mean, rstd, hidden_seed, seed, sample_scale, "gelu", 0.1, 0.2,
+                [True] * 8)  # fmt: skip
     torch.library.opcheck(_mlp_bwd, bwd_args)
