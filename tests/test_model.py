@@ -214,10 +214,16 @@ def test_dynamic_image_sizes_match_timm(config, image_size):
 
 
 def test_training_mode_regularisers_run():
+    """Every dropout and stochastic depth on: finite logits and gradients, and still five launches per block
+    (each regulariser lives in a kernel's prologue or epilogue)."""
     kwargs = dict(TINY, drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1, pos_drop_rate=0.1, drop_rate=0.1)
     model = fastvit.VisionTransformer(**kwargs).to(DEVICE).train()
     images = image_batch(kwargs)
-    logits = model(images)
+    with fastvit.count_launches() as launches:
+        logits = model(images)
+    depth = TINY["depth"]  # per block: 4 GEMMs and attention; the final norm runs alone (head dropout follows it)
+    assert launches.by_kernel == {"_patch_embed_kernel": 1, "_row_stats_kernel": 1, "_attn_fwd_kernel": depth,
+                                  "_linear_kernel": 4 * depth + 1, "_layer_norm_fwd_kernel": 1}, launches  # fmt: skip
     logits.sum().backward()
     assert torch.isfinite(logits).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

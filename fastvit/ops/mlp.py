@@ -10,14 +10,14 @@ block): the same two launches and the same numbers as calling those two ops.
 Why one op: the backward. Called apart, fc1's backward receives dh, the gradient of GELU's output, and must
 form dz = dh * act'(z) in the prologue of both its gradient GEMMs. Every column-block program of the dx
 GEMM and every row-block program of the dW GEMM recomputes erf and exp on the same elements (12 times per
-element at ViT-B widths and 128-wide tiles): the dx GEMM's K-step is ~800 SASS instructions instead of
-~150 on sm_90, and the dW GEMM's LayerNorm-ed operand keeps its wgmma serialised. Here fc2's dx GEMM
-multiplies its output by act'(z) in the epilogue, once per element, and stores dz where it would have
+element at ViT-B widths and 128-wide tiles): on sm_90 the dx GEMM's K-step is 809 SASS instructions for
+2 HGMMA instead of 115 for 4, and the dW GEMM's LayerNorm-ed operand keeps its wgmma serialised. Here fc2's dx GEMM
+multiplies its output by (dropout mask and) act'(z) in the epilogue, once per element, and stores dz where it would have
 stored dh (same size and dtype); fc1's two GEMMs then read dz as it is: a plain dx GEMM, and a dW GEMM
 that runs swapped with its wgmma in flight. It is the dgrad-with-activation-gradient epilogue of fused-MLP
 training code (cuBLASLt's DGELU epilogue in flash-attn's FusedMLP, its Triton triton_dgrad_act).
 
-Saved for backward: x, fp32 mean / rstd, z and h = act(z) (fc2's input, for dW2), and fc2's
+Saved for backward: x, fp32 mean / rstd, z and h = dropout(act(z)) (fc2's input, for dW2), and fc2's
 pre-activation when the layer scale needs a gradient: what the two ops save, so eager's memory minus
 LayerNorm's output.
 
