@@ -27,7 +27,8 @@ setup(
     python_requires=">=3.10",
     packages=["fastvit", "fastvit.ops", "fastvit.kernels"],
     package_dir={"fastvit": "fastvit", "fastvit.ops": "fastvit/ops", "fastvit.kernels": "kernels"},
-    install_requires=["torch>=2.5", "triton>=3.6; platform_system == 'Linux'", "numpy"],
+    # the oldest tested pair: torch 2.11 with triton 3.6 (the GPU machine's); CI runs torch 2.14 with triton 3.8
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={
         "test": TEST_REQUIRES,
         # The environment CI and `make test` use: the CUDA build of torch, which also runs on CPU, pinned
