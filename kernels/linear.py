@@ -126,9 +126,12 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(Seed, rows, cols, n_cols, p):
-    """Keep-mask of element (rows, cols) of an (., n_cols) output: the same bits in forward and backward."""
-    return tl.rand(tl.load(Seed), rows.to(tl.int64) * n_cols + cols) >= p
+def _dropout(x, Seed, rows, cols, n_cols, p):
+    """x with inverted dropout applied to element (rows, cols) of an (., n_cols) output: 0 where dropped,
+    x / (1 - p) where kept. The keep bits depend only on the seed and the position, so the forward and
+    both backward GEMMs regenerate the same mask."""
+    keep = tl.rand(tl.load(Seed), rows.to(tl.int64) * n_cols + cols) >= p
+    return tl.where(keep, x * (1.0 / (1.0 - p)), 0.0)
 
 
 @triton.jit
@@ -198,8 +201,7 @@ def _grad_prologue(dy, dy_rows, dy_cols, mask, row_mask, col_mask, Z, stride_zm,
     if HAS_SAMPLE_SCALE:
         d = d * tl.load(SampleScale + dy_rows.to(tl.int32) // rows_per_sample, mask=row_mask, other=0.0)
     if DROPOUT:
-        keep = _dropout_keep(Seed, dy_rows, dy_cols, n_fwd, dropout_p)
-        d = tl.where(keep, d * (1.0 / (1.0 - dropout_p)), 0.0)
+        d = _dropout(d, Seed, dy_rows, dy_cols, n_fwd, dropout_p)
     dz = d
     du = d
     if ACTIVATION != "none" or NEED_DU:
@@ -338,9 +340,11 @@ def _linear_kernel(
         if GRAD_A:
             # dy's row and column of each A element, as broadcast vectors (full int64 tiles cost registers)
             if TRANS_A:
-                dy_rows, dy_cols, dy_row_mask, dy_col_mask = ks[None, :], rows[:, None], k_mask[None, :], row_mask[:, None]  # fmt: skip
+                dy_rows, dy_row_mask = ks[None, :], k_mask[None, :]
+                dy_cols, dy_col_mask = rows[:, None], row_mask[:, None]
             else:
-                dy_rows, dy_cols, dy_row_mask, dy_col_mask = rows[:, None], ks[None, :], row_mask[:, None], k_mask[None, :]  # fmt: skip
+                dy_rows, dy_row_mask = rows[:, None], row_mask[:, None]
+                dy_cols, dy_col_mask = ks[None, :], k_mask[None, :]
             # the sample scale of dy's rows: here where they are A's columns (the weight gradient), in the
             # epilogue where they are C's rows (dx)
             a, du = _grad_prologue(a, dy_rows, dy_cols, a_mask, dy_row_mask, dy_col_mask, Z, stride_zm, Scale,
@@ -381,15 +385,13 @@ def _linear_kernel(
     # the gradient of the producer's pre-activation, formed once per element here: through its dropout
     # (the mask regenerated over C's (M, N), the producer's output) and its activation
     if PREACT_DROPOUT:
-        keep = _dropout_keep(PreactSeed, rows[:, None], cols[None, :], N, preact_dropout_p)
-        acc = tl.where(keep, acc * (1.0 / (1.0 - preact_dropout_p)), 0.0)
+        acc = _dropout(acc, PreactSeed, rows[:, None], cols[None, :], N, preact_dropout_p)
     if PREACT_GRAD != "none":
         acc *= _activation_grad(tl.load(Preact + c_offsets, mask=c_mask, other=0.0).to(tl.float32), PREACT_GRAD)
     if not GRAD_A:
         acc = _activation(acc, ACTIVATION)
     if DROPOUT and not GRAD_A:
-        keep = _dropout_keep(Seed, rows[:, None], cols[None, :], n_fwd, dropout_p)
-        acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc = _dropout(acc, Seed, rows[:, None], cols[None, :], n_fwd, dropout_p)
     if HAS_SCALE and not GRAD_A:
         acc *= tl.load(Scale + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SAMPLE_SCALE and not TRANS_A:  # C's rows are the forward's: y's, or dy's in the dx GEMM
@@ -463,10 +465,11 @@ def _fit_to_fusions(tile: dict, flags: dict) -> dict:
     """Shrink a tile where the fusions hold many live fp32 values per element, so nothing spills (checked
     by compile_configs on sm_90 and sm_80): a GELU / dropout / layer-scale gradient prologue halves
     BLOCK_K, and more when B is LayerNorm-ed too (on sm_80 both operands then pass through registers); a
-    LayerNorm-ed B runs at most 3 stages (2 next to a dz prologue in fp32); a dropout mask in the epilogue
-    (philox per element: the forward's, or the producer's in PREACT_DROPOUT) caps BLOCK_N at 64, and so does an activation gradient in the epilogue (PREACT_GRAD: erf and
-    exp per element) on fp32 tiles (16-bit ones fit, at 255 registers); a per-sample scale on an fp32 weight
-    gradient's dy^T tile takes BLOCK_K = 16. Checked with triton 3.6 and 3.8."""
+    LayerNorm-ed B runs at most 3 stages (2 next to a dz prologue in fp32); an epilogue with per-element
+    transcendental work caps BLOCK_N at 64: a dropout mask (philox: the forward's, or the producer's in
+    PREACT_DROPOUT), or an activation gradient (PREACT_GRAD: erf and exp) on fp32 tiles (16-bit ones fit,
+    at 255 registers); a per-sample scale on an fp32 weight gradient's dy^T tile takes BLOCK_K = 16.
+    Checked with triton 3.6 and 3.8."""
     tile = dict(tile)
     heavy_a = flags["GRAD_A"] and (flags["ACTIVATION"] != "none" or flags["DROPOUT"] or flags["HAS_SCALE"])
     if heavy_a and flags["LN_B"] and tile["BLOCK_K"] > 32:  # 16-bit: 64 -> 16
@@ -479,9 +482,8 @@ def _fit_to_fusions(tile: dict, flags: dict) -> dict:
         tile["BLOCK_K"] //= 2
     if flags["LN_B"]:  # the LayerNorm-ed operand's statistics and affine stay live across the stages
         tile["num_stages"] = min(tile["num_stages"], 3)
-    if (flags["DROPOUT"] and not flags["GRAD_A"]) or flags["PREACT_DROPOUT"]:  # a dropout mask in the epilogue
-        tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
-    if flags["PREACT_GRAD"] != "none" and flags["DOT_DTYPE"] == tl.float32:
+    epilogue_dropout = (flags["DROPOUT"] and not flags["GRAD_A"]) or flags["PREACT_DROPOUT"]
+    if epilogue_dropout or (flags["PREACT_GRAD"] != "none" and flags["DOT_DTYPE"] == tl.float32):
         tile["BLOCK_N"] = min(tile["BLOCK_N"], 64)
     if flags["HAS_SAMPLE_SCALE"] and flags["TRANS_A"] and flags["DOT_DTYPE"] == tl.float32:
         tile["BLOCK_K"] = min(tile["BLOCK_K"], 16)
@@ -554,10 +556,9 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         LN_A=ln_a, LN_B=ln_b, STATS_IN=stats_in is not None, HAS_LN_W=ln_weight is not None,
         HAS_LN_B=ln_bias is not None, GRAD_A=grad_a, TRANS_A=trans_a, ROWSUM_DZ=row_sum is not None,
         ROWSUM_DU=row_sum_u is not None, HAS_BIAS=bias is not None, ACTIVATION=activation,
-        HAS_SCALE=scale is not None, HAS_SAMPLE_SCALE=sample_scale is not None, DROPOUT=dropout_p > 0, HAS_RESIDUAL=residual is not None,
-        SAVE_PREACT=preact is not None and preact_activation == "none", PREACT_GRAD=preact_activation,
-        PREACT_DROPOUT=preact_dropout_p > 0,
-        STATS_OUT=stats_out is not None,
+        HAS_SCALE=scale is not None, HAS_SAMPLE_SCALE=sample_scale is not None, DROPOUT=dropout_p > 0,
+        HAS_RESIDUAL=residual is not None, SAVE_PREACT=preact is not None and preact_activation == "none",
+        PREACT_GRAD=preact_activation, PREACT_DROPOUT=preact_dropout_p > 0, STATS_OUT=stats_out is not None,
         DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=dot_precision(dot_dtype),
     )
 
@@ -583,8 +584,8 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
             ln_bias, mean, rstd, stats_in, seed, preact_seed, z, out.stride(0), *a_strides, *b_strides,
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
             c.stride(0) if splits > 1 else 0, *(stats_in.stride() if stats_in is not None else (0, 0, 0)),
-            M, N, K, k_per_split, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, eps, **flags, EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0,
-            ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
+            M, N, K, k_per_split, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, eps, **flags,
+            EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0, ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
         )  # fmt: skip
         if splits > 1:
             for total, partials in zip((out, row_sum, row_sum_u), targets):
@@ -720,8 +721,7 @@ def compile_configs():
     ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
     matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
     pointers = ("C", "Preact", "RowSum", "RowSumU", "StatsOut", "A", "B", "Bias", "Residual", "Scale", "SampleScale",
-                "LnW", "LnB", "PreactSeed",
-                "Mean", "Rstd", "StatsIn", "Seed", "Z")
+                "LnW", "LnB", "Mean", "Rstd", "StatsIn", "Seed", "PreactSeed", "Z")
     uses = {  # label -> (pointers used, flags): the fused ops of one block, the head and their gradients
         "LN->qkv+bias": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd"},
                          dict(LN_A=True, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True)),
@@ -791,8 +791,9 @@ def compile_configs():
             # row strides, N and K are multiples of 16 at ViT widths (the JIT specialises on that); M is not
             ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                                 "stride_rm", "stride_zm", "N", "K", "n_fwd")}
-            ints.update(M="i32", rows_per_sample="i32", dropout_p="fp32", preact_dropout_p="fp32", eps="fp32", stride_s_kind="i32", stride_s_group="i32",
-                        stride_s_row="i32", stride_c_split="i32:16", k_per_split="i32:16")
+            ints.update(M="i32", rows_per_sample="i32", dropout_p="fp32", preact_dropout_p="fp32", eps="fp32",
+                        stride_s_kind="i32", stride_s_group="i32", stride_s_row="i32", stride_c_split="i32:16",
+                        k_per_split="i32:16")
             # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows
             # when B is W^T (forward), else B's columns
             units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")

@@ -11,8 +11,7 @@ residual, layer scale, dropout, LayerNorm) is a compile-time flag of one kernel,
 
 Where the model uses them: LN1 -> QKV + bias is layer_norm_linear; proj (+ bias + residual, optionally
 layer scale and dropout) is linear; the MLP branch is fastvit.ops.layer_norm_mlp (ops/mlp.py: these two
-ops' GEMMs, with a cheaper backward), or layer_norm_linear and linear while dropout sits between them;
-the head is layer_norm_linear (or linear after pooling).
+ops' GEMMs, with a cheaper backward); the head is layer_norm_linear (or linear after pooling).
 
 LayerNorm statistics hand-off: linear(..., return_stats=True) also returns its output's row statistics
 (fp32 (mean, M2) per 64 columns, shape (2, ceil(N / 64), *leading dims), taken in the epilogue), and
@@ -67,8 +66,8 @@ def _linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
     layer_scale: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
     seed: Optional[torch.Tensor], x_stats: Optional[torch.Tensor], sample_scale: Optional[torch.Tensor],
-    activation: str, dropout_p: float, eps: float,
-    has_ln: bool, save_preact: bool, emit_stats: bool, out_dtype: torch.dtype,
+    activation: str, dropout_p: float, eps: float, has_ln: bool, save_preact: bool, emit_stats: bool,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastvit.kernels.linear import linear_forward
 
@@ -88,8 +87,8 @@ def _linear_fwd(
 
 
 @_linear_fwd.register_fake
-def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats, sample_scale, activation, dropout_p, eps,
-      has_ln, save_preact, emit_stats, out_dtype):
+def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats, sample_scale, activation, dropout_p,
+      eps, has_ln, save_preact, emit_stats, out_dtype):
     from fastvit.kernels.linear import stats_groups
 
     out_shape = (*x.shape[:-1], weight.shape[0])
@@ -131,8 +130,8 @@ def _(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, _, sample_scale, activation, dropout_p, _, has_ln = (
-        inputs[:14])
+    (x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, _, sample_scale, activation, dropout_p, _,
+     has_ln) = inputs[:14]
     _, preact, mean, rstd, stats = output
     ctx.save_for_backward(x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale)
     ctx.activation, ctx.dropout_p, ctx.has_ln = activation, dropout_p, has_ln
@@ -180,8 +179,7 @@ def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, 
     check_shape("residual", residual, (*x.shape[:-1], N))
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    check_probability("dropout_p", dropout_p)
     ln_weight, ln_bias = (ln[0], ln[1]) if ln is not None else (None, None)
     if ln is not None:
         validate_layer_norm(x, ln_weight, ln_bias, ln[2])
@@ -192,6 +190,12 @@ def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, 
     if cast_to is None:
         check_same_dtype(**tensors)
     return cast_to
+
+
+def check_probability(name, p):
+    """A dropout probability: a float in [0, 1)."""
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name}: expected a float in [0, 1), got {p!r}")
 
 
 def _check_sample_scale(sample_scale, x):

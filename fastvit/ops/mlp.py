@@ -32,7 +32,7 @@ from fastvit.backend import use_triton
 
 from ._common import rows_view
 from .linear import (_cast, _check_sample_scale, _check_x_stats, _dropout_seed, _needs_grad, _no_tensor, _out_dtype,
-                     _validate, layer_norm_linear, linear)  # fmt: skip
+                     _validate, check_probability, layer_norm_linear, linear)  # fmt: skip
 
 
 @torch.library.custom_op("fastvit::mlp_fwd", mutates_args=())
@@ -180,8 +180,7 @@ def layer_norm_mlp(
     hidden = x.new_empty(()).expand(*x.shape[:-1], fc1_weight.shape[0])
     _validate(hidden, fc2_weight, fc2_bias, None, residual, layer_scale, dropout_p,
               names=("fc1's output", "fc2_weight", "fc2_bias"))  # fmt: skip
-    if not isinstance(hidden_dropout_p, (int, float)) or not 0.0 <= hidden_dropout_p < 1.0:
-        raise ValueError(f"hidden_dropout_p: expected a float in [0, 1), got {hidden_dropout_p!r}")
+    check_probability("hidden_dropout_p", hidden_dropout_p)
     if x_stats is not None:
         _check_x_stats(x_stats, x)
     sample_scale = _check_sample_scale(sample_scale, x)
