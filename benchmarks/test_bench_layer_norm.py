@@ -39,7 +39,8 @@ def test_layer_norm(benchmark, gpu, peaks, provider, mode):
         return y
 
     def check(out, inputs):
-        x, w, b, dy = (t.detach().float().requires_grad_() for t in inputs[:3]) + (inputs[3].float(),)
+        x, w, b = (t.detach().float().requires_grad_() for t in inputs[:3])
+        dy = inputs[3].float()
         ref = F.layer_norm(x, (D,), w, b, 1e-6)
         if not backward:
             return assert_close_rel(out, ref, 1e-2, "y")
