@@ -11,6 +11,7 @@ first and normalises only the class rows inside the head GEMM, the same arithmet
 row-wise.
 """
 import functools
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -20,6 +21,7 @@ import torch.utils.checkpoint
 
 from fastvit import ops
 from fastvit.layers import Block, block_forward, gelu_name, has_hooks
+from fastvit.ops._common import check_int, check_positive, check_probability
 
 POOLS = ("", "token", "avg", "max", "avgmax")
 
@@ -53,30 +55,23 @@ def _gelu_approximate(act_layer) -> str:
     return "tanh" if gelu_name(module) == "gelu_tanh" else "none"
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-
-
 def _check_sizes(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, reg_tokens,
                  rates: dict) -> None:
     """The constructor's numeric arguments, checked before any module is built."""
     for name, value in (("img_size", img_size), ("patch_size", patch_size)):
         for v in value if isinstance(value, (tuple, list)) else (value,):
-            _check_int(name, v, 1)
+            check_int(name, v, 1)
     for name, value, minimum in (("in_chans", in_chans, 1), ("num_classes", num_classes, 0),
                                  ("embed_dim", embed_dim, 1), ("depth", depth, 0), ("num_heads", num_heads, 1),
                                  ("reg_tokens", reg_tokens, 0)):  # fmt: skip
-        _check_int(name, value, minimum)
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-        raise ValueError(f"mlp_ratio: expected a positive float, got {mlp_ratio!r}")
+        check_int(name, value, minimum)
+    check_positive("mlp_ratio", mlp_ratio)
     for name, rate in rates.items():
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-            raise ValueError(f"{name}: expected a float in [0, 1), got {rate!r}")
+        check_probability(name, rate)
 
 
 def _pair(v) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+    return (int(v), int(v)) if isinstance(v, numbers.Integral) else tuple(int(i) for i in v)
 
 
 class PatchEmbed(nn.Module):

@@ -47,7 +47,9 @@ BAD_INPUTS = {
     "ln_x_int": (lambda: ops.layer_norm(x8.long(), None, None), TypeError, r"x: expected dtype in .*torch\.int64"),
     "ln_weight_shape": (lambda: ops.layer_norm(x8, rand(7), None), ValueError, r"weight: expected shape \(8,\)"),
     "ln_bias_rank": (lambda: ops.layer_norm(x8, None, rand(1, 8)), ValueError, r"bias: expected a 1-D tensor"),
-    "ln_eps": (lambda: ops.layer_norm(x8, None, None, 0.0), ValueError, r"eps: expected a positive float, got 0\.0"),
+    "ln_eps": (lambda: ops.layer_norm(x8, None, None, 0.0), ValueError, r"eps: expected a finite float > 0, got 0\.0"),
+    "ln_eps_bool": (lambda: ops.layer_norm(x8, None, None, True), ValueError, r"eps: expected a finite float > 0, got True"),
+    "ln_eps_inf": (lambda: ops.layer_norm(x8, None, None, float("inf")), ValueError, r"eps: .* got inf"),
     "ln_mixed_dtype": (lambda: ops.layer_norm(x8, w8.half(), None), TypeError, r"weight is torch\.float16"),
     "ln_too_wide": (lambda: ops.layer_norm(rand(1, 8193), None, None), ValueError, r"x: .*1\.\.8192.*8193"),
     "ln_meta_weight": (lambda: ops.layer_norm(x8, w8.to(META), None), ValueError, r"weight on meta"),
@@ -55,6 +57,7 @@ BAD_INPUTS = {
     # linear / layer_norm_linear
     "linear_k_mismatch": (lambda: ops.linear(rand(2, 7), W), ValueError, r"x: expected last dim K = 8"),
     "linear_weight_rank": (lambda: ops.linear(x8, rand(8)), ValueError, r"weight: expected a 2-D tensor"),
+    "linear_return_stats": (lambda: ops.linear(x8, W, return_stats="yes"), TypeError, r"return_stats: expected a bool"),
     "linear_bias_shape": (lambda: ops.linear(x8, W, rand(5)), ValueError, r"bias: expected shape \(4,\)"),
     "linear_residual_shape": (lambda: ops.linear(x8, W, residual=rand(2, 5)), ValueError,
                               r"residual: expected shape \(2, 4\)"),
@@ -76,7 +79,7 @@ BAD_INPUTS = {
     "attn_zero_keys": (lambda: ops.attention(q, rand(1, 2, 0, 8), rand(1, 2, 0, 8)), ValueError, r"k: .*Nk >= 1"),
     "attn_meta_k": (lambda: ops.attention(q, q.to(META), q), ValueError, r"k on meta"),
     "attn_fp64": (lambda: ops.attention(*(q.double(),) * 3), TypeError, r"q: expected dtype in .*torch\.float64"),
-    "qkv_num_heads": (lambda: ops.qkv_attention(qkv, 0), ValueError, r"num_heads: expected a positive int, got 0"),
+    "qkv_num_heads": (lambda: ops.qkv_attention(qkv, 0), ValueError, r"num_heads: expected an int >= 1, got 0"),
     "qkv_width": (lambda: ops.qkv_attention(qkv, 5), ValueError, r"qkv: last dim must be 3 \* num_heads \* head_dim"),
     "qkv_dropout": (lambda: ops.qkv_attention(qkv, 2, dropout_p=-0.1), ValueError, r"dropout_p: expected"),
     # patch_embed
@@ -156,6 +159,7 @@ def _op_cases(batch):
         batch, 5, 8, grad=True)
     q, k, v = (rand(batch, 2, 5, 16, grad=True) for _ in range(3))
     packed = rand(batch, 5, 48, grad=True)
+    fc1_w, fc1_b, fc2_w = rand(32, 16, grad=True), rand(32, grad=True), rand(16, 32, grad=True)
     imgs, pe_w, pe_b, pos, cls = (rand(batch, 3, 16, 16, grad=True), rand(8, 3, 8, 8, grad=True), rand(8, grad=True),
                                   rand(1, 5, 8, grad=True), rand(1, 1, 8, grad=True))
     return {
@@ -166,6 +170,8 @@ def _op_cases(batch):
         "attention": ((q, k, v), lambda: ops.attention(q, k, v)),
         "qkv_attention": ((packed,), lambda: ops.qkv_attention(packed, 2)),
         "patch_embed": ((imgs, pe_w, pe_b, pos, cls), lambda: ops.patch_embed(imgs, pe_w, pe_b, pos, cls)),
+        "layer_norm_mlp": ((lin_x, ln_w, ln_b, fc1_w, fc1_b, fc2_w),
+                           lambda: ops.layer_norm_mlp(lin_x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, residual=lin_x)),
     }
 
 
@@ -279,7 +285,7 @@ def _eager(op, inputs, call):
 
 # torch's CPU GELU returns NaN for +Inf where the kernels return +Inf, the limit: for ops ending in GELU
 # the test compares which outputs are finite, not NaN vs Inf.
-GELU_OPS = ("linear", "layer_norm_linear")
+GELU_OPS = ("linear", "layer_norm_linear", "layer_norm_mlp")
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -357,9 +363,116 @@ def test_autograd_keeps_only_what_the_backward_needs():
 def test_autograd_context_holds_no_tensor_outside_save_for_backward(op):
     inputs, call = _op_cases(2)[op]
     ctx = call().grad_fn
+    while not hasattr(ctx, "__dict__"):  # the ops restore leading dims with a view after the custom op's node
+        ctx = ctx.next_functions[0][0]
     stray = [name for name, value in vars(ctx).items()
              if torch.is_tensor(value) or (isinstance(value, (list, tuple)) and any(map(torch.is_tensor, value)))]
     assert not stray, f"tensors kept on the context outside save_for_backward: {stray}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# outputs, parameter layouts and devices as a PyTorch user expects them
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", [op for op in OPS if "attention" not in op])
+def test_outputs_can_be_modified_in_place(op):
+    """y.mul_(2) then backward, as on F.linear's output: the ops restore leading dims with a view made
+    outside the custom op (a view made inside one cannot be modified in place under autograd). Not the
+    attention ops: their backward reads the saved output, as SDPA's flash backward does, so modifying it
+    raises torch's version-counter error there as it does for SDPA."""
+    inputs, call = _op_cases(2)[op]
+    wanted = torch.autograd.grad(call().sum() * 2, inputs)
+    out = call()
+    out.mul_(2)
+    for i, (got, want) in enumerate(zip(torch.autograd.grad(out.sum(), inputs), wanted)):
+        assert_close(got, want, name=f"{op}: gradient {i} after an in-place op on the output")
+
+
+def _strided_vectors():
+    """(name, call(vector), the parameter vector as a stride-2 or stride-0 view): kernels index 1-D
+    parameters with unit stride, so the ops must hand them over contiguous."""
+    x, w = rand(3, 5, 16, grad=True), rand(8, 16, grad=True)
+    w1, w2 = rand(32, 16, grad=True), rand(16, 32, grad=True)
+    return {
+        "layer_norm weight": (lambda v: ops.layer_norm(x, v, None), rand(32, grad=True)[::2]),
+        "linear bias": (lambda v: ops.linear(x, w, v), rand(16, grad=True)[::2]),
+        "linear layer_scale (expanded)": (lambda v: ops.linear(x, w, layer_scale=v),
+                                          rand(1, grad=True).expand(8)),  # fmt: skip
+        "layer_norm_linear ln_weight": (lambda v: ops.layer_norm_linear(x, v, None, w), rand(32, grad=True)[::2]),
+        "layer_norm_mlp fc1_bias": (lambda v: ops.layer_norm_mlp(x, None, None, w1, v, w2), rand(64, grad=True)[::2]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_strided_vectors()))
+def test_strided_parameter_vectors_read_correctly(case):
+    call, vector = _strided_vectors()[case]
+    out = call(vector)
+    with fastvit.use_backend("torch"):
+        expected = call(vector)
+    assert_close(out, expected, name=case)
+    leaf = vector._base if vector._base is not None else vector
+    (got,), (want,) = (torch.autograd.grad(y.square().sum(), leaf) for y in (out, expected))
+    assert_close(got, want, name=f"{case}: gradient")
+
+
+def test_patch_embed_backward_for_frozen_stem():
+    """Only the position embedding, class token and bias train (a frozen patch projection): the backward
+    returns distinct empty tensors for the gradients not asked for (custom-op outputs may not alias),
+    eager and compiled."""
+    imgs, weight = rand(2, 3, 16, 16), rand(8, 3, 8, 8)
+    bias, pos, cls = rand(8, grad=True), rand(1, 5, 8, grad=True), rand(1, 1, 8, grad=True)
+    call = lambda *args: ops.patch_embed(*args).square().sum()  # noqa: E731
+    wanted = torch.autograd.grad(call(imgs, weight, bias, pos, cls), (bias, pos, cls))
+    with fastvit.use_backend("torch"):
+        reference = torch.autograd.grad(call(imgs, weight, bias, pos, cls), (bias, pos, cls))
+    compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(imgs, weight, bias, pos, cls), (bias, pos, cls))
+    for name, g, w, r in zip(("bias", "pos_embed", "cls_token"), got, wanted, reference):
+        assert_close(w, r, name=f"d{name} vs the torch backend")
+        assert_close(g, w, name=f"d{name} compiled")
+
+
+def test_compiled_backward_with_a_permuted_input():
+    """x a (T, B, D) tensor seen as (B, T, D): the backward ops' fake (meta) outputs must have the strides
+    the kernels write (contiguous), or Inductor's stride assertions fail."""
+    x = rand(5, 2, 16).transpose(0, 1).requires_grad_()
+    w, b, w1, w2 = rand(16, grad=True), rand(16, grad=True), rand(32, 16, grad=True), rand(16, 32, grad=True)
+
+    def block(x):
+        h = ops.layer_norm(x, w, b)
+        h = ops.linear(h, w2[:, :16], residual=x)
+        return ops.layer_norm_mlp(h, w, b, w1, None, w2, residual=h)
+
+    wanted = torch.autograd.grad(block(x).square().sum(), (x, w, w1))
+    got = torch.autograd.grad(torch.compile(block, fullgraph=True)(x).square().sum(), (x, w, w1))
+    for name, g, want in zip(("x", "ln weight", "fc1 weight"), got, wanted):
+        assert_close(g, want, name=f"d{name}")
+
+
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, deferred init) take the torch path: the right shape, no autocast error."""
+    meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    x, w, W, W1, W2 = meta(2, 5, 16), meta(16), meta(8, 16), meta(32, 16), meta(16, 32)
+    cases = {
+        "layer_norm": (ops.layer_norm(x, w, w), (2, 5, 16)),
+        "linear": (ops.linear(x, W, meta(8), "gelu", residual=meta(2, 5, 8)), (2, 5, 8)),
+        "layer_norm_linear": (ops.layer_norm_linear(x, w, w, W), (2, 5, 8)),
+        "layer_norm_mlp": (ops.layer_norm_mlp(x, w, w, W1, meta(32), W2, residual=x), (2, 5, 16)),
+        "attention": (ops.attention(meta(2, 2, 5, 16), meta(2, 2, 7, 16), meta(2, 2, 7, 16)), (2, 2, 5, 16)),
+        "qkv_attention": (ops.qkv_attention(meta(2, 5, 48), 2), (2, 5, 16)),
+        "patch_embed": (ops.patch_embed(meta(2, 3, 16, 16), meta(8, 3, 8, 8), meta(8), meta(1, 5, 8), meta(1, 1, 8)),
+                        (2, 5, 8)),
+    }
+    for name, (out, shape) in cases.items():
+        assert out.device.type == "meta" and tuple(out.shape) == shape, name
+
+
+def test_numbers_may_be_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    x = rand(2, 5, 16)
+    ops.layer_norm(x, None, None, np.float32(1e-5))
+    ops.linear(x, rand(8, 16), dropout_p=np.float64(0.1))
+    ops.qkv_attention(rand(2, 5, 48), np.int64(2), scale=np.float32(0.25))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Autocast: like scaled_dot_product_attention, q, k, v (or qkv) are cast to the au
 output has it. Outside autocast q, k, v must share one dtype (fp32 / fp16 / bf16); fp32 dots are IEEE
 unless torch's fp32 matmul precision allows TF32 (kernels/_helpers.dot_precision).
 """
+import math
 from typing import Optional
 
 import torch
@@ -31,7 +32,8 @@ from fastvit.backend import use_triton
 from fastvit.kernels._helpers import new_output
 from fastvit.kernels.attention import MAX_HEAD_DIM, attention_backward, attention_forward
 
-from ._common import autocast_dtype, check_same_device, check_same_dtype, check_tensor, describe
+from ._common import (autocast_dtype, autocast_off, check_int, check_probability, check_real, check_same_device,
+                      check_same_dtype, check_tensor, describe)  # fmt: skip
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -176,11 +178,8 @@ def _check_scalars(scale, dropout_p, head_dim):
     """The softmax scale (default head_dim ** -0.5) and the dropout probability, validated."""
     if scale is None:
         scale = head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(float(scale)) < float("inf"):
-        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
-    return float(scale), float(dropout_p)
+    scale = check_real("scale", scale, expected="a finite float or None", valid=math.isfinite)
+    return scale, check_probability("dropout_p", dropout_p)
 
 
 def validate_attention(q, k, v, scale, dropout_p):
@@ -212,7 +211,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     else:
         q, k, v = (t.to(cast_to) for t in (q, k, v))
     if not use_triton(q.device):
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     seed = _new_seed(q.device) if dropout_p > 0 else None
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
@@ -220,10 +219,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
 
 
 def validate_qkv_attention(qkv, num_heads, scale, dropout_p):
-    """Checks for qkv_attention(); returns (head_dim, scale, dropout_p)."""
+    """Checks for qkv_attention(); returns (num_heads, head_dim, scale, dropout_p) as Python numbers."""
     check_tensor("qkv", qkv, ndim=3)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    num_heads = check_int("num_heads", num_heads, 1)
     C = qkv.shape[-1]
     if C == 0 or C % (3 * num_heads):
         raise ValueError(
@@ -231,7 +229,7 @@ def validate_qkv_attention(qkv, num_heads, scale, dropout_p):
         )
     head_dim = C // (3 * num_heads)
     _check_head_dim("qkv", qkv, head_dim)
-    return (head_dim, *_check_scalars(scale, dropout_p, head_dim))
+    return (num_heads, head_dim, *_check_scalars(scale, dropout_p, head_dim))
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, scale: Optional[float] = None, dropout_p: float = 0.0):
@@ -241,13 +239,13 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, scale: Optional[float] = No
     blocks, each split into heads). Returns (B, N, D) contiguous: timm's
     `sdpa(q, k, v).transpose(1, 2).reshape(B, N, D)` without the transpose copy.
     """
-    head_dim, scale, dropout_p = validate_qkv_attention(qkv, num_heads, scale, dropout_p)
+    num_heads, head_dim, scale, dropout_p = validate_qkv_attention(qkv, num_heads, scale, dropout_p)
     cast_to = autocast_dtype(qkv.device)
     if cast_to is not None:
         qkv = qkv.to(cast_to)
     if not use_triton(qkv.device):
         B, N, C = qkv.shape
-        with torch.autocast(qkv.device.type, enabled=False):
+        with autocast_off(qkv.device):
             q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
             return out.transpose(1, 2).reshape(B, N, C // 3)

@@ -14,23 +14,25 @@ import torch.nn.functional as F
 from fastvit.backend import use_triton
 from fastvit.kernels.layer_norm import MAX_D, layer_norm_backward, layer_norm_forward
 
-from ._common import autocast_dtype, check_same_device, check_same_dtype, check_shape, check_tensor, rows_view
+from ._common import (autocast_dtype, autocast_off, check_positive, check_same_device, check_same_dtype, check_shape,
+                      check_tensor, contiguous_vector, or_empty, rows_view)  # fmt: skip
 
 
 @torch.library.custom_op("fastvit::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x2d = rows_view(x)
-    y, mean, rstd = layer_norm_forward(x2d, weight, bias, eps, out_dtype)
-    return y.view(x.shape), mean, rstd
+    """(y (M, D) for x (..., D) flattened to M rows, fp32 mean, rstd (M,)); the caller restores x's leading
+    dims: a view made here would make y a view of a custom op's output, which autograd forbids modifying in
+    place."""
+    return layer_norm_forward(rows_view(x), weight, bias, eps, out_dtype)
 
 
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, out_dtype):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     stats = x.new_empty((rows,), dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=out_dtype), stats, stats.clone()
+    return x.new_empty((rows, x.shape[-1]), dtype=out_dtype), stats, stats.clone()
 
 
 @torch.library.custom_op("fastvit::layer_norm_bwd", mutates_args=())
@@ -38,15 +40,10 @@ def _layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
     compute_dweight: bool, compute_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # custom ops cannot return None: a gradient that was not asked for comes back as an empty tensor
     dx, dweight, dbias = layer_norm_backward(
         rows_view(dy), rows_view(x), weight, mean, rstd, compute_dweight, compute_dbias
     )
-    return dx.view(x.shape), _or_empty(dweight, x), _or_empty(dbias, x)
-
-
-def _or_empty(t, like):
-    return like.new_empty((0,)) if t is None else t
+    return dx.view(x.shape), or_empty(dweight, x), or_empty(dbias, x)
 
 
 @_layer_norm_bwd.register_fake
@@ -55,7 +52,7 @@ def _(dy, x, weight, mean, rstd, compute_dweight, compute_dbias):
     param_dtype = weight.dtype if weight is not None else torch.float32
     dweight = x.new_empty((D if compute_dweight else 0,), dtype=param_dtype if compute_dweight else x.dtype)
     dbias = x.new_empty((D if compute_dbias else 0,), dtype=param_dtype if compute_dbias else x.dtype)
-    return torch.empty_like(x), dweight, dbias
+    return x.new_empty(x.shape), dweight, dbias  # contiguous, as the kernel's dx is, whatever x's strides
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,8 +84,7 @@ def validate_layer_norm(x, weight, bias, eps, *, name="x"):
     check_shape("weight", weight, (D,))
     check_shape("bias", bias, (D,))
     check_same_device(**{name: x, "weight": weight, "bias": bias})
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    check_positive("eps", eps)
     if D < 1 or D > MAX_D:
         raise ValueError(f"{name}: the normalised (last) dim must be in 1..{MAX_D}, got shape {tuple(x.shape)}")
     return D
@@ -105,9 +101,10 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     if cast_to is None:
         check_same_dtype(x=x, weight=weight, bias=bias)
     if not use_triton(x.device):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             if cast_to is not None:
                 x, weight, bias = (t.float() if t is not None else None for t in (x, weight, bias))
             return F.layer_norm(x, (D,), weight, bias, eps)
     out_dtype = torch.float32 if cast_to is not None else x.dtype
-    return _layer_norm_fwd(x, weight, bias, float(eps), out_dtype)[0]
+    weight, bias = contiguous_vector(weight), contiguous_vector(bias)
+    return _layer_norm_fwd(x, weight, bias, float(eps), out_dtype)[0].view(x.shape)

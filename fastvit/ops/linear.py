@@ -50,15 +50,11 @@ import torch.nn.functional as F
 
 from fastvit.backend import use_triton
 
-from ._common import autocast_dtype, check_same_device, check_same_dtype, check_shape, check_tensor, describe, rows_view
+from ._common import (autocast_dtype, autocast_off, check_bool, check_probability, check_same_device,
+                      check_same_dtype, check_shape, check_tensor, contiguous_vector, describe, or_empty, rows_view)  # fmt: skip
 from .layer_norm import validate_layer_norm
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
-
-
-def _no_tensor(like: torch.Tensor) -> torch.Tensor:
-    """Custom ops cannot return None: an output that was not asked for comes back as an empty tensor."""
-    return like.new_empty((0,))
 
 
 @torch.library.custom_op("fastvit::linear_fwd", mutates_args=())
@@ -69,21 +65,18 @@ def _linear_fwd(
     activation: str, dropout_p: float, eps: float, has_ln: bool, save_preact: bool, emit_stats: bool,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (M, N) and preact for x (..., K) flattened to M rows, stats (2, groups, M): the caller restores x's
+    leading dims (a view made here would make y a view of a custom op's output, which autograd forbids
+    modifying in place)."""
     from fastvit.kernels.linear import linear_forward
 
-    N = weight.shape[0]
     y, preact, mean, rstd, stats = linear_forward(
         rows_view(x), weight, bias, None if residual is None else rows_view(residual), layer_scale,
         ln_weight, ln_bias, seed, activation=activation, dropout_p=dropout_p, eps=eps, has_ln=has_ln,
         save_preact=save_preact, out_dtype=out_dtype, emit_stats=emit_stats,
         x_stats=None if x_stats is None else x_stats.reshape(2, x_stats.shape[1], -1), sample_scale=sample_scale,
     )
-    out_shape = (*x.shape[:-1], N)
-    preact = _no_tensor(x) if preact is None else preact.view(out_shape)
-    if mean is None:
-        mean, rstd = _no_tensor(x), _no_tensor(x)
-    stats = _no_tensor(x) if stats is None else stats.view(*stats.shape[:2], *x.shape[:-1])
-    return y.view(out_shape), preact, mean, rstd, stats
+    return y, or_empty(preact, x), or_empty(mean, x), or_empty(rstd, x), or_empty(stats, x)
 
 
 @_linear_fwd.register_fake
@@ -91,13 +84,11 @@ def _(x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, x_stats,
       eps, has_ln, save_preact, emit_stats, out_dtype):
     from fastvit.kernels.linear import stats_groups
 
-    out_shape = (*x.shape[:-1], weight.shape[0])
-    rows = x.numel() // x.shape[-1]
-    preact = x.new_empty(out_shape, dtype=weight.dtype) if save_preact else x.new_empty((0,))
+    rows, N = x.numel() // x.shape[-1], weight.shape[0]
+    preact = x.new_empty((rows, N), dtype=weight.dtype) if save_preact else x.new_empty((0,))
     row_stats = x.new_empty((rows if has_ln else 0,), dtype=torch.float32 if has_ln else x.dtype)
-    stats = x.new_empty((2, stats_groups(weight.shape[0]), *x.shape[:-1]) if emit_stats else (0,),
-                        dtype=torch.float32 if emit_stats else x.dtype)
-    return x.new_empty(out_shape, dtype=out_dtype), preact, row_stats, row_stats.clone(), stats
+    stats = x.new_empty((2, stats_groups(N), rows) if emit_stats else (0,), dtype=torch.float32 if emit_stats else x.dtype)
+    return x.new_empty((rows, N), dtype=out_dtype), preact, row_stats, row_stats.clone(), stats
 
 
 @torch.library.custom_op("fastvit::linear_bwd", mutates_args=())
@@ -111,23 +102,26 @@ def _linear_bwd(
     from fastvit.kernels.linear import linear_backward
 
     grads = linear_backward(
-        rows_view(dy), rows_view(x), weight, rows_view(preact) if preact.numel() else None, layer_scale,
+        rows_view(dy), rows_view(x), weight, preact if preact.numel() else None, layer_scale,
         ln_weight, ln_bias, mean if has_ln else None, rstd if has_ln else None, seed,
         activation=activation, dropout_p=dropout_p, needs=tuple(needs), sample_scale=sample_scale,
     )
     dx = grads[0]
     grads = (dx.view(x.shape) if dx is not None else None, *grads[1:])
-    return tuple(_no_tensor(x) if g is None else g for g in grads)
+    return tuple(or_empty(g, x) for g in grads)
 
 
 @_linear_bwd.register_fake
 def _(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale, activation, dropout_p,
       has_ln, needs):
     like = (x, weight, weight.new_empty((weight.shape[0],)), layer_scale, ln_weight, ln_bias)
-    return tuple(
-        torch.empty_like(t) if need and t is not None else x.new_empty((0,)) for t, need in zip(like, needs)
-    )
+    return fake_grads(like, needs, x)
 
+
+def fake_grads(like, needs, x):
+    """The fake of a backward op: each gradient asked for in `needs` contiguous in the shape and dtype of its
+    input in `like` (as the kernels write them, whatever the input's strides), the rest empty."""
+    return tuple(t.new_empty(t.shape) if need and t is not None else x.new_empty((0,)) for t, need in zip(like, needs))
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, _, sample_scale, activation, dropout_p, _,
@@ -135,7 +129,7 @@ def _setup_context(ctx, inputs, output):
     _, preact, mean, rstd, stats = output
     ctx.save_for_backward(x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale)
     ctx.activation, ctx.dropout_p, ctx.has_ln = activation, dropout_p, has_ln
-    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.residual_dtype, ctx.residual_shape = (residual.dtype, residual.shape) if residual is not None else (None, None)
     ctx.present = [t is not None for t in (bias, residual, layer_scale, ln_weight, ln_bias)]
     ctx.mark_non_differentiable(preact, mean, rstd, stats)
 
@@ -152,7 +146,7 @@ def _backward(ctx, dy, _dpreact, _dmean, _drstd, _dstats):
                             ctx.activation, ctx.dropout_p, ctx.has_ln, needs)
         grads = [g if n else None for g, n in zip(grads, needs)]
     dx, dweight, dbias, dscale, dln_weight, dln_bias = grads
-    dresidual = dy.to(ctx.residual_dtype) if need[3] and has_residual else None
+    dresidual = dy.reshape(ctx.residual_shape).to(ctx.residual_dtype) if need[3] and has_residual else None
     return dx, dweight, dbias, dresidual, dscale, dln_weight, dln_bias, *[None] * 10
 
 
@@ -190,12 +184,6 @@ def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, 
     if cast_to is None:
         check_same_dtype(**tensors)
     return cast_to
-
-
-def check_probability(name, p):
-    """A dropout probability: a float in [0, 1)."""
-    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{name}: expected a float in [0, 1), got {p!r}")
 
 
 def _check_sample_scale(sample_scale, x):
@@ -267,6 +255,7 @@ def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, x_
     if x_stats is not None:
         _check_x_stats(x_stats, x)
     sample_scale = _check_sample_scale(sample_scale, x)
+    check_bool("return_stats", return_stats)
     compute = cast_to or weight.dtype
     weight, bias, layer_scale = _cast(compute, weight, bias, layer_scale)
     if ln is None:
@@ -275,19 +264,27 @@ def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, x_
         ln = (*_cast(torch.float32, *ln[:2]), ln[2])
     dropout_p = float(dropout_p)
     if not use_triton(x.device):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             y = _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, cast_to is not None,
                             sample_scale)  # fmt: skip
         return (y, None) if return_stats else y
 
     ln_weight, ln_bias, eps = ln if ln is not None else (None, None, 0.0)
+    bias, layer_scale, ln_weight, ln_bias = (contiguous_vector(t) for t in (bias, layer_scale, ln_weight, ln_bias))
     save_preact = activation is not None or (layer_scale is not None and layer_scale.requires_grad)
     save_preact = save_preact and _needs_grad(x, weight, bias, layer_scale, ln_weight, ln_bias)
     y, _, _, _, stats = _linear_fwd(x, weight, bias, residual, layer_scale, ln_weight, ln_bias,
                                     _dropout_seed(dropout_p, x.device), x_stats, sample_scale, activation or "none",
                                     dropout_p, float(eps), ln is not None, save_preact, return_stats,
                                     _out_dtype(compute, residual))  # fmt: skip
-    return (y, stats) if return_stats else y
+    return unflatten(y, stats, x, return_stats)
+
+
+def unflatten(y, stats, x, return_stats):
+    """The custom op's y (M, N) and stats (2, groups, M) with x's leading dims restored (views made here,
+    outside the op, so y may be modified in place like any tensor)."""
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return (y, stats.view(*stats.shape[:2], *x.shape[:-1])) if return_stats else y
 
 
 def linear(
@@ -298,9 +295,10 @@ def linear(
     """residual + sample_scale * layer_scale * dropout(act(x W^T + b)), each piece optional.
 
     x (..., K); weight (N, K); bias, layer_scale (N,); residual (..., N); activation None, "gelu" (exact
-    erf) or "gelu_tanh"; dropout_p in [0, 1), applied when > 0; sample_scale (x.shape[0],), no gradient:
-    a factor per sample (leading dim) on the branch before the residual add, i.e. stochastic depth's
-    keep / (1 - p), fused so the residual add and the statistics stay in the epilogue. Returns y (..., N):
+    erf) or "gelu_tanh"; dropout_p in [0, 1), applied when > 0; sample_scale (x.shape[0],), any float
+    dtype (read as fp32), no gradient: a factor per sample (leading dim) on the branch before the residual
+    add, i.e. stochastic depth's keep / (1 - p), fused so the residual add and the statistics stay in the
+    epilogue. Returns y (..., N):
     in x's dtype, or under autocast promote_types(autocast dtype, residual dtype) (see the module docstring).
 
     return_stats=True returns (y, y_stats): LayerNorm row statistics of y taken in the epilogue, for a

@@ -30,9 +30,9 @@ import torch
 
 from fastvit.backend import use_triton
 
-from ._common import rows_view
-from .linear import (_cast, _check_sample_scale, _check_x_stats, _dropout_seed, _needs_grad, _no_tensor, _out_dtype,
-                     _validate, check_probability, layer_norm_linear, linear)  # fmt: skip
+from ._common import check_bool, check_probability, contiguous_vector, or_empty, rows_view
+from .linear import (_cast, _check_sample_scale, _check_x_stats, _dropout_seed, _needs_grad, _out_dtype,
+                     _validate, fake_grads, layer_norm_linear, linear, unflatten)  # fmt: skip
 
 
 @torch.library.custom_op("fastvit::mlp_fwd", mutates_args=())
@@ -44,9 +44,10 @@ def _mlp_fwd(
     activation: str, hidden_dropout_p: float, dropout_p: float, eps: float, save_for_backward: bool,
     save_fc2_preact: bool, emit_stats: bool, out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, z, mean, rstd, fc2_preact, stats): h = dropout(act(z)) (M, hidden) and z (saved for the
-    backward, else empty), x's fp32 row statistics, fc2's pre-activation (for dlayer_scale, else empty),
-    y's statistics."""
+    """(y, h, z, mean, rstd, fc2_preact, stats) for x (..., D) flattened to M rows: y (M, N), h =
+    dropout(act(z)) (M, hidden) and z (saved for the backward, else empty), x's fp32 row statistics, fc2's
+    pre-activation (for dlayer_scale, else empty), y's statistics (2, groups, M). The caller restores x's
+    leading dims (see ops/linear.py's _linear_fwd)."""
     from fastvit.kernels.linear import linear_forward
 
     rows = rows_view(x)
@@ -60,9 +61,7 @@ def _mlp_fwd(
         dropout_p=dropout_p, save_preact=save_fc2_preact, out_dtype=out_dtype, emit_stats=emit_stats,
         sample_scale=sample_scale,
     )  # fmt: skip
-    stats = _no_tensor(x) if stats is None else stats.view(*stats.shape[:2], *x.shape[:-1])
-    z, fc2_preact = (_no_tensor(x) if t is None else t for t in (z, fc2_preact))
-    return y.view(*x.shape[:-1], fc2_weight.shape[0]), h, z, mean, rstd, fc2_preact, stats
+    return y, h, or_empty(z, x), mean, rstd, or_empty(fc2_preact, x), or_empty(stats, x)
 
 
 @_mlp_fwd.register_fake
@@ -76,9 +75,8 @@ def _(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residua
     z = h.clone() if save_for_backward and activation != "none" else x.new_empty((0,))
     mean = x.new_empty((rows,), dtype=torch.float32)
     fc2_preact = x.new_empty((rows, N), dtype=fc2_weight.dtype) if save_fc2_preact else x.new_empty((0,))
-    stats = x.new_empty((2, stats_groups(N), *x.shape[:-1]) if emit_stats else (0,),
-                        dtype=torch.float32 if emit_stats else x.dtype)
-    return x.new_empty((*x.shape[:-1], N), dtype=out_dtype), h, z, mean, mean.clone(), fc2_preact, stats
+    stats = x.new_empty((2, stats_groups(N), rows) if emit_stats else (0,), dtype=torch.float32 if emit_stats else x.dtype)
+    return x.new_empty((rows, N), dtype=out_dtype), h, z, mean, mean.clone(), fc2_preact, stats
 
 
 @torch.library.custom_op("fastvit::mlp_bwd", mutates_args=())
@@ -111,7 +109,7 @@ def _mlp_bwd(
             needs=(need_dx, need_dw1, need_db1, False, need_dlw, need_dlb),
         )  # fmt: skip
     grads = (dx.view(x.shape) if dx is not None else None, dlw, dlb, dw1, db1, dw2, db2, dls)
-    return tuple(_no_tensor(x) if g is None else g for g in grads)
+    return tuple(or_empty(g, x) for g in grads)
 
 
 @_mlp_bwd.register_fake
@@ -119,9 +117,7 @@ def _(dy, x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, l
       sample_scale, activation, hidden_dropout_p, dropout_p, needs):
     like = (x, ln_weight, ln_bias, fc1_weight, fc1_weight.new_empty((fc1_weight.shape[0],)), fc2_weight,
             fc2_weight.new_empty((fc2_weight.shape[0],)), layer_scale)
-    return tuple(
-        torch.empty_like(t) if need and t is not None else x.new_empty((0,)) for t, need in zip(like, needs)
-    )
+    return fake_grads(like, needs, x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -131,7 +127,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, h, z, fc1_weight, fc2_weight, fc2_preact, layer_scale, ln_weight, ln_bias, mean, rstd,
                           hidden_seed, seed, sample_scale)  # fmt: skip
     ctx.activation, ctx.hidden_dropout_p, ctx.dropout_p = activation, hidden_dropout_p, dropout_p
-    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.residual_dtype, ctx.residual_shape = (residual.dtype, residual.shape) if residual is not None else (None, None)
     ctx.present = [t is not None for t in (ln_weight, ln_bias, fc1_bias, fc2_bias, residual, layer_scale)]
     ctx.mark_non_differentiable(h, z, mean, rstd, fc2_preact, stats)
 
@@ -147,7 +143,7 @@ def _backward(ctx, dy, *_):
         grads = _mlp_bwd(dy, *saved, ctx.activation, ctx.hidden_dropout_p, ctx.dropout_p, needs)
         grads = [g if n else None for g, n in zip(grads, needs)]
     dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dscale = grads
-    dresidual = dy.to(ctx.residual_dtype) if need[7] and has_residual else None
+    dresidual = dy.reshape(ctx.residual_shape).to(ctx.residual_dtype) if need[7] and has_residual else None
     return (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dresidual, dscale,
             *[None] * 12)  # fmt: skip
 
@@ -181,6 +177,7 @@ def layer_norm_mlp(
     _validate(hidden, fc2_weight, fc2_bias, None, residual, layer_scale, dropout_p,
               names=("fc1's output", "fc2_weight", "fc2_bias"))  # fmt: skip
     check_probability("hidden_dropout_p", hidden_dropout_p)
+    check_bool("return_stats", return_stats)
     if x_stats is not None:
         _check_x_stats(x_stats, x)
     sample_scale = _check_sample_scale(sample_scale, x)
@@ -195,6 +192,8 @@ def layer_norm_mlp(
                                                                     fc2_bias, layer_scale)  # fmt: skip
     if cast_to is not None:
         ln_weight, ln_bias = _cast(torch.float32, ln_weight, ln_bias)
+    ln_weight, ln_bias, fc1_bias, fc2_bias, layer_scale = (contiguous_vector(t) for t in (ln_weight, ln_bias, fc1_bias,
+                                                                                          fc2_bias, layer_scale))  # fmt: skip
     save_for_backward = _needs_grad(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale)
     save_fc2_preact = save_for_backward and layer_scale is not None and layer_scale.requires_grad
     hidden_seed = _dropout_seed(hidden_dropout_p, x.device)  # drawn first, as the two ops would
@@ -202,4 +201,4 @@ def layer_norm_mlp(
                             hidden_seed, _dropout_seed(dropout_p, x.device), x_stats, sample_scale,
                             activation or "none", hidden_dropout_p, dropout_p, float(eps), save_for_backward,
                             save_fc2_preact, return_stats, _out_dtype(compute, residual))  # fmt: skip
-    return (y, stats) if return_stats else y
+    return unflatten(y, stats, x, return_stats)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from fastvit.backend import use_triton
 from fastvit.kernels.patch_embed import images_grad_is_channels_last, patch_embed_backward, patch_embed_forward
 
-from ._common import autocast_dtype, check_same_device, check_same_dtype, check_shape, check_tensor, describe
+from ._common import (autocast_dtype, check_bool, check_same_device, check_same_dtype, check_shape, check_tensor,
+                      describe, or_empty)  # fmt: skip
 
 
 @torch.library.custom_op("fastvit::patch_embed_fwd", mutates_args=())
@@ -51,16 +52,10 @@ def _patch_embed_bwd(
     dtokens: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, num_prefix: int, compute_dimages: bool,
     compute_dweight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    # custom ops cannot return None: a gradient that was not asked for comes back as an empty tensor
     dimages, dweight, dtokens_sum = patch_embed_backward(
         dtokens, images, weight, num_prefix, compute_dimages, compute_dweight
     )
-    not_computed = images.new_empty((0,))
-    return _or(dimages, not_computed), _or(dweight, not_computed), dtokens_sum
-
-
-def _or(t, default):
-    return default if t is None else t
+    return or_empty(dimages, images), or_empty(dweight, images), dtokens_sum
 
 
 @_patch_embed_bwd.register_fake
@@ -130,8 +125,7 @@ def validate_patch_embed(images, weight, bias, pos_embed, cls_token, reg_tokens,
     check_tensor("pos_embed", pos_embed, ndim=3, optional=True)
     check_tensor("cls_token", cls_token, ndim=3, optional=True)
     check_tensor("reg_tokens", reg_tokens, ndim=3, optional=True)
-    if not isinstance(no_embed_class, bool):
-        raise TypeError(f"no_embed_class: expected a bool, got {type(no_embed_class).__name__}")
+    check_bool("no_embed_class", no_embed_class)
     check_same_device(images=images, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token,
                       reg_tokens=reg_tokens)  # fmt: skip
 
