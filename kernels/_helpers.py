@@ -20,6 +20,38 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _fix_interpreter_bf16_dot():
+    """Triton's CPU interpreter multiplies bf16 tl.dot operands as raw uint16 bit patterns (triton#11584,
+    still so in triton 3.6 and 3.8), so every bf16 GEMM and attention would return garbage on the
+    interpreted CPU path. Upcast bf16 operands to fp32 (exact) before its numpy matmul; every other dtype
+    goes to the original. Installed once, at import, only under the interpreter; an interpreter without
+    this internal hook is left as it is."""
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "create_dot", None)
+    if original is None or getattr(original, "_fastvit_bf16_fix", False):
+        return
+    import numpy as np
+    import triton.language as tl
+
+    def as_fp32(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._fastvit_bf16_fix = True
+    builder.create_dot = create_dot
+
+
+if is_interpreter():
+    _fix_interpreter_bf16_dot()
+
+
 def can_run_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of `device`: compiled on CUDA, interpreted on CPU."""
     if device.type == "cuda":

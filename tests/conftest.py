@@ -1,4 +1,4 @@
-"""Test harness: Triton interpreter on machines without a GPU, the interpreter's bf16-dot shim, poisoned
+"""Test harness: Triton interpreter on machines without a GPU, a faster interpreter launch, poisoned
 kernel outputs, a per-dtype tolerance table and a verbose comparison.
 
 The interpreter must be switched on before triton is first imported, so this runs at conftest import,
@@ -12,41 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np  # noqa: E402
 import threadpoolctl  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from fastvit.kernels import _helpers  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = _helpers.is_interpreter()
 _helpers.POISON_OUTPUTS = True
-
-
-def _install_bf16_dot_shim():
-    """The interpreter's tl.dot multiplies bf16 operands as raw uint16 bit patterns (triton#11584).
-
-    Upcast bf16 operands to fp32 before the numpy matmul; every other dtype is left to the original.
-    Test-only: production code never runs under the interpreter with bf16 dots.
-    """
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    original = builder.create_dot
-    if getattr(original, "_fastvit_bf16_shim", False):
-        return
-
-    def as_fp32(handle):
-        if handle.dtype.scalar == tl.bfloat16:
-            data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
-            return interpreter.TensorHandle(data, tl.float32)
-        return handle
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
-
-    create_dot._fastvit_bf16_shim = True
-    builder.create_dot = create_dot
 
 
 def _patch_language_once_per_launch():
@@ -82,8 +54,7 @@ def _patch_language_once_per_launch():
     function.__call__, grid.__call__ = call, launch
 
 
-if INTERPRETED:
-    _install_bf16_dot_shim()
+if INTERPRETED:  # (the interpreter's bf16 tl.dot is fixed by fastvit.kernels._helpers itself, at import)
     _patch_language_once_per_launch()
     # The interpreter's tl.dot is a numpy matmul of one small tile: single-threaded BLAS runs it in ~10 us,
     # multi-threaded OpenBLAS on a busy 2-core machine in ~1 ms (its spinning threads slow the rest too).
