@@ -20,7 +20,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from fastvit import ops
-from fastvit.layers import Block, block_forward, gelu_name, has_hooks
+from fastvit.layers import (Block, PatchEmbed, block_forward, fusable_stem, gelu_name, has_hooks, known_forwards,
+                            plain)  # fmt: skip
+from fastvit.ops.patch_embed import add_prefix_and_position
 from fastvit.ops._common import check_int, check_positive, check_probability
 
 POOLS = ("", "token", "avg", "max", "avgmax")
@@ -28,19 +30,36 @@ POOLS = ("", "token", "avg", "max", "avgmax")
 # timm kwargs accepted only at their default value (the feature is not implemented): name -> default
 _UNSUPPORTED_UNLESS_DEFAULT = {
     "qk_norm": False, "scale_attn_norm": False, "scale_mlp_norm": False, "pos_embed": "learn",
-    "patch_drop_rate": 0.0, "embed_layer": None, "embed_norm_layer": None, "block_fn": None,
-    "mlp_layer": None, "attn_layer": None,
+    "patch_drop_rate": 0.0, "embed_norm_layer": None,
 }  # fmt: skip
+# timm's layer-class kwargs: accepted as None or as timm's own default class (named here: timm is optional)
+_DEFAULT_LAYERS = {"embed_layer": "PatchEmbed", "block_fn": "Block", "mlp_layer": "Mlp", "attn_layer": "Attention"}
 
 
-def _layer_norm_eps(norm_layer) -> float:
-    """eps of a timm norm_layer argument: None (timm's LayerNorm, 1e-6), nn.LayerNorm, or a partial."""
-    if norm_layer is None or norm_layer == "layernorm":
-        return 1e-6
-    func, kwargs = (norm_layer.func, norm_layer.keywords) if isinstance(norm_layer, functools.partial) else (norm_layer, {})
-    if not (isinstance(func, type) and issubclass(func, nn.LayerNorm)):
+def _check_unsupported(kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        if name in _DEFAULT_LAYERS:
+            timm_default = getattr(value, "__name__", None) == _DEFAULT_LAYERS[name] and getattr(
+                value, "__module__", "").startswith("timm.")
+            if value is not None and not timm_default:
+                raise NotImplementedError(f"{name}={value!r} is not supported by fastvit (only timm's default, "
+                                          f"{_DEFAULT_LAYERS[name]})")  # fmt: skip
+        elif name not in _UNSUPPORTED_UNLESS_DEFAULT:
+            raise TypeError(f"VisionTransformer got an unexpected keyword argument {name!r}")
+        elif value != _UNSUPPORTED_UNLESS_DEFAULT[name]:
+            raise NotImplementedError(f"{name}={value!r} is not supported by fastvit (only the default)")
+
+
+def _norm_factory(norm_layer):
+    """dim -> LayerNorm module, from timm's norm_layer argument: None or a name of LayerNorm (timm's default,
+    eps 1e-6), or a LayerNorm class / partial, checked by building one: its eps, affine and bias stay the
+    user's (as timm builds them), and a class whose forward the fused ops do not reproduce is refused."""
+    if norm_layer is None or (isinstance(norm_layer, str) and norm_layer.replace("_", "").lower() == "layernorm"):
+        return functools.partial(nn.LayerNorm, eps=1e-6)
+    probe = norm_layer(8) if callable(norm_layer) and not isinstance(norm_layer, str) else None
+    if not (isinstance(probe, nn.LayerNorm) and plain(probe, "norm") and len(probe.normalized_shape) == 1):
         raise NotImplementedError(f"norm_layer: fastvit fuses LayerNorm only, got {norm_layer!r}")
-    return kwargs.get("eps", 1e-6 if func is not nn.LayerNorm else 1e-5)
+    return norm_layer
 
 
 def _gelu_approximate(act_layer) -> str:
@@ -68,26 +87,6 @@ def _check_sizes(img_size, patch_size, in_chans, num_classes, embed_dim, depth, 
     check_positive("mlp_ratio", mlp_ratio)
     for name, rate in rates.items():
         check_probability(name, rate)
-
-
-def _pair(v) -> Tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, numbers.Integral) else tuple(int(i) for i in v)
-
-
-class PatchEmbed(nn.Module):
-    """Holds the stride-P convolution's parameters (timm's patch_embed.proj) and the grid geometry; the
-    arithmetic runs in fastvit.ops.patch_embed, fused with the position embedding and prefix tokens."""
-
-    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True, dynamic_img_pad=False):
-        super().__init__()
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
-        if self.patch_size[0] != self.patch_size[1]:
-            raise NotImplementedError(f"patch_size: fastvit supports square patches, got {self.patch_size}")
-        self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.dynamic_img_pad = dynamic_img_pad
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
 
 class VisionTransformer(nn.Module):
@@ -135,11 +134,8 @@ class VisionTransformer(nn.Module):
         **unsupported,
     ):
         super().__init__()
-        for name, value in unsupported.items():
-            if name not in _UNSUPPORTED_UNLESS_DEFAULT:
-                raise TypeError(f"VisionTransformer got an unexpected keyword argument {name!r}")
-            if value != _UNSUPPORTED_UNLESS_DEFAULT[name] and value is not None:
-                raise NotImplementedError(f"{name}={value!r} is not supported by fastvit (only the default)")
+        _check_unsupported(unsupported)
+        known_forwards()  # before any torch.compile trace of this model (fastvit.layers.plain)
         _check_sizes(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, reg_tokens,
                      dict(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
                           attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate))  # fmt: skip
@@ -148,8 +144,8 @@ class VisionTransformer(nn.Module):
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         if weight_init not in ("", "skip", "reset"):
-            raise NotImplementedError(f"weight_init={weight_init!r}: fastvit implements timm's default init only")
-        eps = _layer_norm_eps(norm_layer)
+            raise NotImplementedError(f"weight_init={weight_init!r}: fastvit implements timm's '' and 'reset' inits")
+        norm_layer = _norm_factory(norm_layer)
         approximate = _gelu_approximate(act_layer)
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
 
@@ -172,42 +168,70 @@ class VisionTransformer(nn.Module):
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        self.norm_pre = nn.LayerNorm(embed_dim, eps=eps) if pre_norm else nn.Identity()
+        self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
         rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, init_values, eps, approximate,
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, init_values, norm_layer, approximate,
                   attn_drop_rate, proj_drop_rate, rates[i])
             for i in range(depth)
         ])  # fmt: skip
-        self.norm = nn.LayerNorm(embed_dim, eps=eps) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=eps) if final_norm and use_fc_norm else nn.Identity()
+        self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         if weight_init != "skip":
-            self.init_weights()
-        if fix_init:
-            with torch.no_grad():
-                for i, block in enumerate(self.blocks):
-                    block.attn.proj.weight.div_((2.0 * (i + 1)) ** 0.5)
-                    block.mlp.fc2.weight.div_((2.0 * (i + 1)) ** 0.5)
+            self.init_weights(weight_init)
+        self.fix_init = fix_init
+        if fix_init and weight_init != "skip":
+            self.fix_init_weight()
+        # what timm's data helpers (resolve_data_config) and feature wrappers read; timm's ViT defaults
+        self.pretrained_cfg = dict(
+            input_size=(in_chans, *self.patch_embed.img_size), num_classes=num_classes, crop_pct=0.9,
+            interpolation="bicubic", fixed_input_size=not dynamic_img_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+            first_conv="patch_embed.proj", classifier="head",
+        )  # fmt: skip
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
+                             for i in range(depth)]  # fmt: skip
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
     # ---- timm's utility API -------------------------------------------------------------------------
 
-    def init_weights(self):
-        """timm's default init: truncated-normal(0.02) Linear weights and pos_embed, zero biases,
-        normal(1e-6) class / register tokens."""
+    def init_weights(self, mode: str = ""):
+        """timm's init: truncated-normal(0.02) pos_embed, normal(1e-6) class / register tokens; then with
+        mode '' truncated-normal(0.02) Linear weights and zero biases, with mode 'reset' every module's own
+        reset_parameters() (torch's defaults)."""
+        if mode not in ("", "reset"):
+            raise NotImplementedError(f"mode: fastvit implements timm's '' and 'reset' inits, got {mode!r}")
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for token in (self.cls_token, self.reg_token):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if mode == "reset" and m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            elif mode == "" and isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def fix_init_weight(self):
+        """timm's fix_init: attn.proj and mlp.fc2 weights of block i divided by sqrt(2 (i + 1))."""
+        with torch.no_grad():
+            for i, block in enumerate(self.blocks):
+                block.attn.proj.weight.div_((2.0 * (i + 1)) ** 0.5)
+                block.mlp.fc2.weight.div_((2.0 * (i + 1)) ** 0.5)
+
+    @property
+    def default_cfg(self) -> dict:
+        return self.pretrained_cfg
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise learning-rate decay in timm.optim): stem, then one per block."""
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])  # fmt: skip
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -252,37 +276,95 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"x: expected images of shape (B, {self.in_chans}, H, W), got {got}")
         P = self.patch_embed.patch_size[0]
         H, W = x.shape[-2:]
+        if not self.dynamic_img_size and (H, W) != self.patch_embed.img_size:  # checked before padding, as timm
+            raise ValueError(f"x: image size {(H, W)} does not match the model's img_size "
+                             f"{self.patch_embed.img_size} (build with dynamic_img_size=True to allow any size)")  # fmt: skip
         if self.patch_embed.dynamic_img_pad and (H % P or W % P):
             x = F.pad(x, (0, -W % P, 0, -H % P))  # timm pads right and bottom with zeros
             H, W = x.shape[-2:]
-        if not self.dynamic_img_size and (H, W) != self.patch_embed.img_size:
-            raise ValueError(f"x: image size {(H, W)} does not match the model's img_size "
-                             f"{self.patch_embed.img_size} (build with dynamic_img_size=True to allow any size)")  # fmt: skip
-        proj = self.patch_embed.proj
+        if H < P or W < P:
+            raise ValueError(f"x: image size {(H, W)} is smaller than one {P}x{P} patch")
         pos_embed = self._pos_embed_for((H // P, W // P))
-        x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed, self.cls_token, self.reg_token, self.no_embed_class)
-        x = self.pos_drop(x)
-        if isinstance(self.norm_pre, nn.LayerNorm):
-            x = ops.layer_norm(x, self.norm_pre.weight, self.norm_pre.bias, self.norm_pre.eps)
-        return x
+        if fusable_stem(self.patch_embed):
+            proj = self.patch_embed.proj
+            x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed, self.cls_token, self.reg_token,
+                                self.no_embed_class)  # fmt: skip
+        else:  # a wrapped or hooked stem: called as a module
+            tokens = self.patch_embed(x)
+            tokens = tokens.flatten(1, 2) if tokens.dim() == 4 else tokens  # timm's NHWC output (dynamic_img_size)
+            x = add_prefix_and_position(tokens, pos_embed, self.cls_token, self.reg_token, self.no_embed_class)
+        return self._norm(self.pos_drop(x), self.norm_pre)
 
     def _blocks(self, x: torch.Tensor):
         """(x after every block, its LayerNorm statistics or None). Each block hands the statistics its
-        last GEMM emitted to the next one's norm1; a block with hooks is called as a module instead."""
+        last GEMM emitted to the next one's norm1; the blocks container is called as a module when it has
+        hooks."""
+        if has_hooks(self.blocks):
+            return self.blocks(x), None
         x_stats = None
         for block in self.blocks:
-            hooked = has_hooks(block)
-            call, args = (block, (x,)) if hooked else (block_forward, (block, x, x_stats, True))
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False)
-            else:
-                out = call(*args)
-            x, x_stats = (out, None) if hooked else out
+            x, x_stats = self._block(block, x, x_stats)
         return x, x_stats
+
+    def _block(self, block: nn.Module, x: torch.Tensor, x_stats):
+        """(block(x), its statistics or None), checkpointed when enabled; a block with hooks is called as a
+        module (it then takes its own LayerNorm statistics)."""
+        hooked = has_hooks(block)
+        call, args = (block, (x,)) if hooked else (block_forward, (block, x, x_stats, True))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False)
+        else:
+            out = call(*args)
+        return (out, None) if hooked else out
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):  # fmt: skip
+        """timm's forward_intermediates (without attn_mask / output_dict): the outputs of the blocks in
+        `indices` (None: all, an int n: the last n, a sequence: those, negative from the end) as NCHW feature
+        maps or NLC tokens, the prefix tokens split off (paired with them if return_prefix_tokens), each
+        through the final norm if norm. Returns (final features, intermediates), or only the intermediates."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = _take_indices(len(self.blocks), indices)
+        P, (H, W) = self.patch_embed.patch_size[0], x.shape[-2:]
+        x = self._embed(x)
+        grid = (-(-H // P), -(-W // P)) if self.patch_embed.dynamic_img_pad else (H // P, W // P)
+        x_stats, intermediates = None, []
+        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
+            x, x_stats = self._block(block, x, x_stats)
+            if i in take:
+                intermediates.append(self._norm(x, self.norm) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (self._norm(x, self.norm), intermediates)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n=1, reshape: bool = False, return_prefix_tokens: bool = False,
+                                norm: bool = False):  # fmt: skip
+        """timm's (DINO's) interface: forward_intermediates' intermediates of the last n blocks (or those listed)."""
+        return self.forward_intermediates(x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)  # fmt: skip
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """timm's: drop the blocks after the last of `indices` (and the final norm / the head if asked);
+        returns the kept indices."""
+        take, last = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
 
     @staticmethod
     def _norm(x, norm: nn.Module):
-        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps) if isinstance(norm, nn.LayerNorm) else x
+        """norm(x): on fastvit's LayerNorm kernel when norm is a plain LayerNorm, else called as a module."""
+        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps) if plain(norm, "norm") else norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, prefix + N, D), every token through the final norm (timm's contract)."""
@@ -309,25 +391,42 @@ class VisionTransformer(nn.Module):
         """norm -> head_drop -> head on pooled (B, D) features; a LayerNorm is fused into the head GEMM's
         prologue whenever nothing (an active head dropout, pre_logits) stands between them, taking x's
         statistics from x_stats when given."""
-        head_dropout_active = self.head_drop.training and self.head_drop.p > 0
-        if not pre_logits and isinstance(self.head, nn.Linear) and isinstance(norm, nn.LayerNorm) and not head_dropout_active:
+        head_drop_idle = plain(self.head_drop, "dropout") and not (self.head_drop.training and self.head_drop.p > 0)
+        if not pre_logits and plain(self.head, "linear") and plain(norm, "norm") and head_drop_idle:
             return ops.layer_norm_linear(x, norm.weight, norm.bias, self.head.weight, self.head.bias, eps=norm.eps,
                                          x_stats=x_stats)  # fmt: skip
         x = self.head_drop(self._norm(x, norm))
-        if pre_logits or not isinstance(self.head, nn.Linear):
+        if pre_logits:
             return x
-        return ops.linear(x, self.head.weight, self.head.bias)
+        return ops.linear(x, self.head.weight, self.head.bias) if plain(self.head, "linear") else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, x_stats = self._blocks(self._embed(x))
-        if self.global_pool == "token":
+        norms_plain = all(plain(n, "norm") or plain(n, "identity") for n in (self.norm, self.fc_norm))
+        if self.global_pool == "token" and norms_plain:
             # LayerNorm is row-wise: normalising only the class row equals normalising every row and then
             # pooling, so the final norm runs on B rows, fused into the head GEMM, with those rows'
             # statistics from the last block. At most one of norm / fc_norm is a LayerNorm (timm places
             # the final norm before or after pooling, never both).
-            final_norm = self.norm if isinstance(self.norm, nn.LayerNorm) else self.fc_norm
+            final_norm = self.norm if plain(self.norm, "norm") else self.fc_norm
             return self._head(x[:, 0], final_norm, x_stats=None if x_stats is None else x_stats[..., 0])
         return self.forward_head(self._norm(x, self.norm))
+
+
+def _take_indices(num_blocks: int, indices):
+    """timm's feature_take_indices: (sorted block indices, the last one) for None (every block), an int n
+    (the last n) or a sequence of indices (negative ones count from the end)."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, numbers.Integral):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices: expected 1..{num_blocks} (the last n blocks), got {indices}")
+        take = list(range(num_blocks - int(indices), num_blocks))
+    else:
+        take = sorted(num_blocks + int(i) if i < 0 else int(i) for i in indices)
+        if not take or not all(0 <= i < num_blocks for i in take):
+            raise ValueError(f"indices: expected block indices in -{num_blocks}..{num_blocks - 1}, got {indices!r}")
+    return take, take[-1]
 
 
 # ---- registry: timm's names and configs ---------------------------------------------------------------

@@ -428,6 +428,7 @@ def from_timm(timm_model: nn.Module) -> nn.Module:
     ref = timm_model.pos_embed
     model = VisionTransformer(**_timm_config(timm_model), weight_init="skip", device=ref.device, dtype=ref.dtype)
     model.load_state_dict(timm_model.state_dict(), strict=True)
+    model.pretrained_cfg = dict(getattr(timm_model, "pretrained_cfg", None) or model.pretrained_cfg)
     return model.train(timm_model.training)
 
 
@@ -441,7 +442,8 @@ def _timm_config(m: nn.Module) -> dict:
     return dict(
         img_size=tuple(m.patch_embed.img_size), patch_size=m.patch_embed.patch_size[0], in_chans=m.in_chans,
         num_classes=m.num_classes, global_pool=m.global_pool, embed_dim=m.embed_dim, depth=len(m.blocks),
-        num_heads=block.attn.num_heads, mlp_ratio=hidden / m.embed_dim,
+        # timm builds fc1 with int(embed_dim * mlp_ratio) outputs: a ratio half an output above rounds back exactly
+        num_heads=block.attn.num_heads, mlp_ratio=(hidden + 0.5) / m.embed_dim,
         qkv_bias=block.attn.qkv.bias is not None, proj_bias=block.attn.proj.bias is not None,
         # any non-zero value builds LayerScale; its gamma is then loaded
         init_values=1.0 if hasattr(ls, "gamma") else None,
@@ -468,6 +470,7 @@ def patch_timm(timm_model: nn.Module) -> nn.Module:
     lacks (qk_norm, RmsNorm, a non-GELU activation, ...) raises NotImplementedError naming it.
     """
     fused_block, fused_model = _fused_timm_classes()
+    _fused_layers().known_forwards()  # filled before any torch.compile trace of the patched model
     if type(timm_model) is fused_model:
         return timm_model
     _raise_unsupported(timm_model, whole_model=False)
@@ -510,6 +513,7 @@ def _fused_timm_classes():
         _embed = Fused._embed
         _pos_embed_for = Fused._pos_embed_for
         _blocks = Fused._blocks
+        _block = Fused._block
         _norm = staticmethod(Fused._norm)
 
         def forward_features(self, x, attn_mask=None, is_causal=False):
@@ -558,9 +562,11 @@ def _raise_unsupported(model: nn.Module, whole_model: bool) -> None:
         if model.attn_pool is not None:
             problems[f"global_pool={model.global_pool!r} (attention pooling)"] = "attn_pool"
     for i, block in enumerate(model.blocks):
-        for feature in _block_problems(block, whole_model):
+        block_problems = _block_problems(block, whole_model)
+        for feature in block_problems:
             problems.setdefault(feature, f"blocks.{i}")
-        norms.update({f"blocks.{i}.norm1": block.norm1, f"blocks.{i}.norm2": block.norm2})
+        if not block_problems or not block_problems[0].startswith("block_fn="):  # a timm Block: check its norms
+            norms.update({f"blocks.{i}.norm1": block.norm1, f"blocks.{i}.norm2": block.norm2})
     for where, norm in norms.items():
         if not isinstance(norm, nn.Identity) and not _is_layer_norm(norm):
             problems.setdefault(f"norm_layer={type(norm).__name__} (fastvit fuses LayerNorm only)", where)

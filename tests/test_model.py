@@ -1,5 +1,7 @@
 """The drop-in model: fastvit.VisionTransformer on the Triton kernels (interpreted on CPU) against the
 eager reference and timm with the same weights: logits and every parameter's gradient."""
+import functools
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -141,6 +143,112 @@ def test_blocks_with_hooks_still_run_them_and_match():
     assert_close(logits, expected, atol=1e-6, rtol=1e-6)
 
 
+class LoraLinear(torch.nn.Module):
+    """A LoRA-style adapter as peft builds one: it exposes the base layer's weight and bias, so a fused path
+    that read qkv.weight instead of calling qkv would silently drop the adapter."""
+
+    def __init__(self, base, rank=2):
+        super().__init__()
+        self.base = base
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) * 0.1)
+        self.lora_b = torch.nn.Parameter(torch.randn(base.out_features, rank, device=base.weight.device) * 0.1)
+
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_a.t() @ self.lora_b.t()
+
+
+def _wrap_qkv(model):
+    model.blocks[0].attn.qkv = LoraLinear(model.blocks[0].attn.qkv)
+    return model
+
+
+@pytest.mark.parametrize("how", ["fastvit", "patch_timm"])
+def test_replaced_and_wrapped_modules_are_called(how):
+    """Modules the fused path cannot reproduce from their parameters (a LoRA wrapper, an MLP head, a
+    wrapped final norm) are called as modules: the logits and the adapter's gradients equal timm's."""
+    kwargs, model, timm_model = build({})
+    if how == "patch_timm":
+        model = fastvit.patch_timm(build({})[2])
+    torch.manual_seed(3)
+    head = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.GELU(), torch.nn.Linear(16, 10)).to(DEVICE)
+    norm = torch.nn.Sequential(timm_model.norm, torch.nn.Dropout(0.0))
+    _wrap_qkv(timm_model)
+    _wrap_qkv(model).load_state_dict(timm_model.state_dict())
+    for m in (timm_model, model):
+        m.head, m.norm = head, norm
+    images = image_batch(kwargs)
+    assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4, name="logits")
+    wanted = torch.autograd.grad(timm_model(images).sum(), [timm_model.blocks[0].attn.qkv.lora_b, head[0].weight])
+    got = torch.autograd.grad(model(images).sum(), [model.blocks[0].attn.qkv.lora_b, head[0].weight])
+    for g, w in zip(got, wanted):
+        assert_close(g, w, atol=1e-4, rtol=1e-3, name="adapter / head gradient")
+
+
+@pytest.mark.parametrize("how", ["fastvit", "patch_timm"])
+def test_hooks_on_any_submodule_fire(how):
+    """A forward hook on any submodule fires once per forward, as in timm; the logits do not change."""
+    kwargs, model, timm_model = build({})
+    if how == "patch_timm":
+        model = fastvit.patch_timm(timm_model)
+    model.eval()
+    images = image_batch(kwargs)
+    with torch.no_grad():
+        expected = model(images)
+    for name in ("patch_embed", "patch_embed.proj", "blocks", "blocks.0.attn", "blocks.0.attn.qkv", "blocks.1.mlp.fc1",
+                 "blocks.1.norm2", "blocks.1.ls2", "norm", "head"):  # fmt: skip
+        calls = []
+        handle = model.get_submodule(name).register_forward_hook(lambda *args: calls.append(1))
+        with torch.no_grad():
+            logits = model(images)
+        handle.remove()
+        assert len(calls) == 1, f"hook on {name} fired {len(calls)} times"
+        assert_close(logits, expected, atol=1e-5, rtol=1e-5, name=f"logits with a hook on {name}")
+
+
+def test_standard_blocks_stay_fused():
+    """The checks that route modified blocks to their modules leave a standard model on the fused ops."""
+    model = fastvit.VisionTransformer(**TINY).to(DEVICE).eval()
+    with torch.no_grad(), fastvit.count_launches() as launches:
+        model(image_batch(TINY))
+    assert fastvit.layers.fusable(model.blocks[0]) and fastvit.layers.fusable_stem(model.patch_embed)
+    assert "_row_stats_kernel" in launches.by_kernel and launches.by_kernel["_row_stats_kernel"] == 1
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(indices=1, norm=True, output_fmt="NLC", return_prefix_tokens=True),
+    dict(indices=[0], stop_early=True, intermediates_only=True),
+])  # fmt: skip
+def test_forward_intermediates_match_timm(kwargs):
+    config, model, timm_model = build(dict(reg_tokens=2))
+    images = image_batch(config)
+    with torch.no_grad():
+        got, wanted = model.forward_intermediates(images, **kwargs), timm_model.forward_intermediates(images, **kwargs)
+    flat = lambda out: [out] if torch.is_tensor(out) else [t for item in out for t in flat(item)]  # noqa: E731
+    assert len(flat(got)) == len(flat(wanted))
+    for g, w in zip(flat(got), flat(wanted)):
+        assert_close(g, w, atol=1e-4, rtol=1e-4, name="intermediates")
+    assert [t.shape for t in model.get_intermediate_layers(images, 2, reshape=True)] == [(2, 64, 4, 6)] * 2
+
+
+def test_timm_training_utilities_see_timm_metadata():
+    """timm's layer-wise lr decay groups by group_matcher, and its data config reads pretrained_cfg."""
+    import timm
+    from timm.data import resolve_data_config
+    from timm.optim import create_optimizer_v2
+
+    kwargs, model, timm_model = build({})
+    groups = [len(create_optimizer_v2(m, "adamw", lr=1e-3, layer_decay=0.65).param_groups) for m in (model, timm_model)]
+    assert groups[0] == groups[1] > 2
+    name = "vit_tiny_patch16_224"
+    timm_named = timm.create_model(name)
+    assert resolve_data_config(model=fastvit.create_model(name)) == resolve_data_config(model=timm_named)
+    assert fastvit.from_timm(timm_named).pretrained_cfg == timm_named.pretrained_cfg
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     """Same logits and gradients with checkpointing, and every block is recomputed in the backward, a
     block with hooks (called as a module) included: its pre-hook fires once more per step (a post-hook
@@ -273,6 +381,10 @@ def test_create_model_with_checkpoint_path(tmp_path):
         (dict(weight_init="jax"), NotImplementedError, "weight_init='jax'"),
         (dict(act_layer="relu"), NotImplementedError, "act_layer: fastvit fuses GELU only"),
         (dict(norm_layer=torch.nn.BatchNorm1d), NotImplementedError, "norm_layer: fastvit fuses LayerNorm only"),
+        (dict(norm_layer=type("MyNorm", (torch.nn.LayerNorm,), {"forward": lambda self, x: x})), NotImplementedError,
+         "norm_layer: fastvit fuses LayerNorm only"),
+        (dict(pos_embed=None), NotImplementedError, "pos_embed=None is not supported"),
+        (dict(block_fn=torch.nn.Identity), NotImplementedError, "block_fn=.*only timm's default, Block"),
         (dict(no_such_kwarg=1), TypeError, "unexpected keyword argument 'no_such_kwarg'"),
         (dict(class_token=False), ValueError, "global_pool='token' needs class_token=True"),
         (dict(embed_dim=65), ValueError, "embed_dim: 65 is not divisible by num_heads=2"),
@@ -281,6 +393,37 @@ def test_create_model_with_checkpoint_path(tmp_path):
 def test_unsupported_kwargs_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         fastvit.VisionTransformer(**dict(TINY, **kwargs))
+
+
+def test_timm_spellings_of_the_defaults_are_accepted():
+    """timm's own default layer classes passed explicitly, and norm_layer by name, build the same model."""
+    from timm.layers import Attention, Mlp, PatchEmbed
+    from timm.models.vision_transformer import Block
+
+    model = fastvit.VisionTransformer(**TINY, block_fn=Block, mlp_layer=Mlp, attn_layer=Attention,
+                                      embed_layer=PatchEmbed, norm_layer="LayerNorm")  # fmt: skip
+    assert model.norm.eps == 1e-6 and model.state_dict().keys() == TimmViT(**TINY).state_dict().keys()
+
+
+@pytest.mark.parametrize("norm_layer, eps, affine", [
+    (type("MyLayerNorm", (torch.nn.LayerNorm,), {}), 1e-5, True),  # a subclass keeps nn.LayerNorm's eps
+    (functools.partial(torch.nn.LayerNorm, eps=1e-3, elementwise_affine=False), 1e-3, False),
+])  # fmt: skip
+def test_norm_layer_is_built_as_timm_builds_it(norm_layer, eps, affine):
+    kwargs = dict(TINY, norm_layer=norm_layer)
+    torch.manual_seed(0)
+    timm_model = TimmViT(**kwargs).to(DEVICE).eval()
+    model = fastvit.VisionTransformer(**kwargs).to(DEVICE).eval()
+    model.load_state_dict(timm_model.state_dict(), strict=True)
+    assert model.blocks[0].norm1.eps == eps and (model.norm.weight is not None) == affine
+    images = image_batch(kwargs)
+    with torch.no_grad():
+        assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4, name="logits")
+
+
+def test_weight_init_reset_uses_each_module_reset_parameters():
+    model = fastvit.VisionTransformer(**TINY, weight_init="reset")
+    assert model.blocks[0].attn.qkv.bias.std() > 0.01  # nn.Linear's uniform bias, not timm's zeros
 
 
 def test_bad_images_are_named():

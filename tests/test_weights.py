@@ -336,6 +336,8 @@ CONFIGS = {
     "avg_fc_norm": dict(global_pool="avg", init_values=0.1),
     "no_class_token_reg": dict(class_token=False, global_pool="avg", reg_tokens=3, no_embed_class=True),
     "rect_no_qkv_bias_tanh": dict(img_size=(32, 24), qkv_bias=False, act_layer="gelu_tanh"),
+    # fc1 has int(224 * 2.15) = 481 outputs, and int(481 / 224 * 224) = 480: from_timm must rebuild 481
+    "odd_mlp_width": dict(embed_dim=224, num_heads=2, mlp_ratio=2.15),
 }
 
 
@@ -422,6 +424,17 @@ def test_unsupported_timm_features_are_named(fused_ops, kwargs, feature):
         with pytest.raises(NotImplementedError, match=feature):
             weights.patch_timm(source)
         assert type(source) is timm_vit.VisionTransformer, "a refused model must be left untouched"
+
+
+def test_parallel_blocks_are_named(fused_ops):
+    """timm's parallel-branch ViTs (block_fn=ParallelThingsBlock) have no norm1: refused by name."""
+    import timm
+
+    source = timm.create_model("vit_small_patch16_18x2_224", img_size=IMG, patch_size=PATCH, embed_dim=DIM,
+                               depth=DEPTH, num_heads=HEADS, num_classes=CLASSES)  # fmt: skip
+    for convert in (weights.from_timm, weights.patch_timm):
+        with pytest.raises(NotImplementedError, match="block_fn=ParallelThingsBlock"):
+            convert(source)
 
 
 def test_patched_blocks_run_the_triton_kernels(fused_ops):

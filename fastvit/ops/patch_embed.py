@@ -107,6 +107,12 @@ def _patch_embed_torch(images, weight, bias, pos_embed, cls_token, reg_tokens, n
     """timm's PatchEmbed + _pos_embed in plain PyTorch (the "torch" backend and the parity reference)."""
     P = weight.shape[-1]
     x = F.conv2d(images, weight, bias, stride=P).flatten(2).transpose(1, 2)  # (B, N, D)
+    return add_prefix_and_position(x, pos_embed, cls_token, reg_tokens, no_embed_class)
+
+
+def add_prefix_and_position(x, pos_embed, cls_token, reg_tokens, no_embed_class):
+    """timm's _pos_embed on patch tokens x (B, N, D) in plain PyTorch: the class and register tokens
+    prepended, the position embedding added (before prepending them when no_embed_class)."""
     prefix = [t.expand(x.shape[0], -1, -1) for t in (cls_token, reg_tokens) if t is not None]
     if pos_embed is not None and no_embed_class:
         x = x + pos_embed
