@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.fastvit-installed
 
-.PHONY: demo test bench inspect clean
+.PHONY: demo test bench bench-rehearsal inspect clean
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) -m pytest benchmarks/
+
+bench-rehearsal: $(STAMP)
+	$(PYTHON) -m pytest benchmarks/ --rehearse -q -p no:cacheprovider
 
 inspect: $(STAMP)
 	$(PYTHON) -m fastvit.inspect --arch sm_90 --arch sm_80 --format table

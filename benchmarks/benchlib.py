@@ -20,6 +20,22 @@ HAS_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") 
 NO_GPU_REASON = "no CUDA GPU (or TRITON_INTERPRET=1): GPU timings skipped; interpreter time is not performance"
 COUNTS = []  # launch / byte count rows, written to the results JSON at the end of the session
 
+# `pytest benchmarks/ --rehearse` (conftest.py calls rehearse() before the benchmark modules are imported):
+# every GPU benchmark's code runs once on the CPU at toy sizes through the Triton interpreter, so a
+# mistake in it shows before GPU time is spent. Its times are not performance and are never reported as such.
+REHEARSAL = False
+DEVICE = "cuda"  # where the GPU benchmarks put their tensors: "cpu" in a rehearsal
+
+
+def rehearse():
+    global REHEARSAL, DEVICE
+    REHEARSAL, DEVICE = True, "cpu"
+
+
+def at_scale(full, rehearsal):
+    """A benchmark's size: `full` on a GPU, `rehearsal` (toy-sized) under --rehearse."""
+    return rehearsal if REHEARSAL else full
+
 
 def synchronized_timer():
     """pytest-benchmark's clock: wait for the GPU first, so each round times finished work."""
@@ -31,14 +47,17 @@ def synchronized_timer():
 def environment():
     import triton
 
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
     return {
-        "device": torch.cuda.get_device_name() if HAS_GPU else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name() if HAS_GPU else
+                  f"{cpu} rehearsal through the Triton interpreter: code paths only, not performance" if REHEARSAL else cpu,
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
 
 def _event_median_ms(fn, reps):
+    """Median milliseconds of fn() over `reps` runs, timed with CUDA events after one warm-up run."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -75,6 +94,8 @@ class Work:
 
 
 def l2_bytes():
+    if REHEARSAL:
+        return 0  # one input set
     return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
 
 
@@ -92,14 +113,17 @@ def measure(benchmark, fn, input_sets, *, check, work: Work, peaks, group, provi
     Returns the median seconds per call.
     """
     check(fn(*input_sets[0]), input_sets[0])
-    for inputs in input_sets:  # warm-up: compile, autotune, library heuristics
-        fn(*inputs)
-    cycle = itertools.cycle(input_sets)
-    estimate_ms = _event_median_ms(lambda: fn(*next(cycle)), 3)
-    iterations = max(1, math.ceil(round_ms / max(estimate_ms, 1e-3)))
-    rounds = max(3, min(max_rounds, math.ceil(300 / max(estimate_ms * iterations, 1e-3))))
     benchmark.group = group
-    benchmark.pedantic(lambda: fn(*next(cycle)), rounds=rounds, iterations=iterations, warmup_rounds=1)
+    cycle = itertools.cycle(input_sets)
+    if REHEARSAL:  # the timed path once, without the GPU's warm-up and round sizing
+        benchmark.pedantic(lambda: fn(*next(cycle)), rounds=1, iterations=1)
+    else:
+        for inputs in input_sets:  # warm-up: compile, autotune, library heuristics
+            fn(*inputs)
+        estimate_ms = _event_median_ms(lambda: fn(*next(cycle)), 3)
+        iterations = max(1, math.ceil(round_ms / max(estimate_ms, 1e-3)))
+        rounds = max(3, min(max_rounds, math.ceil(300 / max(estimate_ms * iterations, 1e-3))))
+        benchmark.pedantic(lambda: fn(*next(cycle)), rounds=rounds, iterations=iterations, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     tflops, gbps = work.flops / seconds / 1e12, work.bytes / seconds / 1e9
     benchmark.extra_info.update({

@@ -17,6 +17,12 @@ launches and modelled HBM bytes per call, counted by hooking kernel launches (be
 the interpreted programs are not even run, so their time is never mistaken for performance) and, for
 eager PyTorch, by counting the aten ops it dispatches on the meta device (benchlib.count_eager).
 
+Rehearsal (--rehearse, no GPU): every GPU benchmark above runs once, at toy sizes, on the CPU through the
+Triton interpreter (tiny ViTs of 16 tokens, GEMMs of 100 rows): its setup, its check against the
+reference and the timed call, so that an error in a benchmark shows before GPU time is spent on it. The
+CI runs it. Nothing it times is performance: no results file is written unless --benchmark-json asks,
+and that one names the rehearsal as its device.
+
 Results: the pytest-benchmark JSON goes to benchmarks/results/bench-<device>.json unless
 --benchmark-json is given, with a "fastvit" section (environment, peaks, launch / byte counts);
 `python benchmarks/report.py` renders a markdown table and a PNG plot from it.
@@ -50,6 +56,8 @@ def pytest_addoption(parser):
                     help="the whole matrix (torch.compile peers at every size, every model trains); default: a quick subset")
     group.addoption("--bench-budget", type=float, default=_env_float("FASTVIT_BENCH_BUDGET"),
                     help="seconds after which GPU benchmarks not yet started skip (results so far are still written)")  # fmt: skip
+    group.addoption("--rehearse", action="store_true",
+                    help="no GPU: run every GPU benchmark once at toy sizes through the Triton interpreter (not timings)")  # fmt: skip
 
 
 def _env_float(name):
@@ -67,7 +75,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "full_only: part of the full benchmark matrix (--bench-full) only")
     config.addinivalue_line("markers", "headline: an issue's target comparison: runs first")
     config.option.benchmark_timer = "benchlib.synchronized_timer"  # importable: pytest put benchmarks/ on sys.path
-    if not config.option.benchmark_json:
+    if config.getoption("--rehearse"):
+        if benchlib.HAS_GPU:
+            raise pytest.UsageError("--rehearse runs the GPU benchmarks on the CPU through the Triton interpreter; "
+                                    "on this GPU machine run them for real (without --rehearse)")  # fmt: skip
+        benchlib.rehearse()  # before the benchmark modules are imported: their sizes depend on it
+    elif not config.option.benchmark_json:
         RESULTS.mkdir(exist_ok=True)
         config.option.benchmark_json = str(RESULTS / f"bench-{_device_slug()}.json")
     budget = config.getoption("--bench-budget")
@@ -119,6 +132,8 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def peaks(request):
     """{'tflops', 'gbps', 'source'} of this GPU: measured now unless given on the command line / env."""
+    if benchlib.REHEARSAL:
+        return {"tflops": 1.0, "gbps": 1.0, "source": "rehearsal: placeholders, not a device's peaks"}
     if not benchlib.HAS_GPU:
         pytest.skip(benchlib.NO_GPU_REASON)
     if not _state["peaks"]:
@@ -134,8 +149,8 @@ def peaks(request):
 
 @pytest.fixture
 def gpu():
-    """Skip GPU timings on machines without one, and once the --bench-budget is spent."""
-    if not benchlib.HAS_GPU:
+    """Skip GPU timings on machines without one (unless rehearsing), and once the --bench-budget is spent."""
+    if not (benchlib.HAS_GPU or benchlib.REHEARSAL):
         pytest.skip(benchlib.NO_GPU_REASON)
     if _state["deadline"] is not None and time.monotonic() > _state["deadline"]:
         pytest.skip("--bench-budget spent: benchmark not started")
@@ -146,3 +161,5 @@ def cpu_only():
     """Counts through the CPU interpreter; on a GPU machine triton compiles instead of interpreting."""
     if benchlib.HAS_GPU:
         pytest.skip("launch / byte counts run through the CPU interpreter (see the CPU run of pytest benchmarks/)")
+    if benchlib.REHEARSAL:
+        pytest.skip("a rehearsal runs the GPU benchmarks only; the counts run in plain `pytest benchmarks/`")

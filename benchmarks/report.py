@@ -4,8 +4,9 @@
 
 With no files it reads benchmarks/results/bench-*.json and counts-*.json. The markdown has one table per
 benchmark group (providers side by side: median time, TFLOP/s, GB/s, % of the measured peaks, images/s,
-MFU) and the launch / byte counts; the plot shows images/s against batch size per provider, one panel per
-model and mode. --short prints only a compact one-line-per-result table (used by gpu_check.sh).
+MFU), the issues' performance targets met or missed, and the launch / byte counts; the plot shows images/s
+against batch size per provider, one panel per model and mode. --short prints a compact
+one-line-per-result table and the targets (used by gpu_check.sh).
 """
 import argparse
 import json
@@ -40,7 +41,8 @@ def rows(benchmarks):
             "batch": info.get("batch"), "median_ms": bench["stats"]["median"] * 1e3, "tflops": info.get("tflops"),
             "gbps": info.get("gbps"), "pct_peak_tflops": info.get("pct_peak_tflops"),
             "pct_peak_gbps": info.get("pct_peak_gbps"), "images_per_s": info.get("images_per_s"),
-            "mfu": info.get("mfu"), "vit": info.get("vit"), "mode": info.get("mode"),
+            "mfu": info.get("mfu"), "vit": info.get("vit"), "mode": info.get("mode"), "case": info.get("case"),
+            "M": info.get("M"),
         }  # fmt: skip
 
 
@@ -64,6 +66,7 @@ def markdown(benchmarks, counts, environment, peaks):
                 f"| {r['provider']} | {r['batch'] or '-'} | {r['median_ms']:.3f} | {_fmt(r['tflops'])} | {_fmt(r['gbps'], 0)} | "
                 f"{_fmt(r['pct_peak_tflops'])} | {_fmt(r['pct_peak_gbps'])} | {_fmt(r['images_per_s'], 0)} | {_fmt(mfu)}{'%' if mfu else ''} |"
             )
+    lines += ["", "**The issues' targets**", "", "```", targets(benchmarks), "```"]
     if counts:
         lines += ["", "**Kernel launches and modelled HBM bytes per call (counted on CPU)**", "",
                   "| case | provider | launches | GB moved | kernels |", "|---|---|---:|---:|---|"]  # fmt: skip
@@ -82,6 +85,48 @@ def short(benchmarks):
         batch = f" b{r['batch']}" if r["batch"] else ""
         out.append(f"{(r['group'] + batch)[:52]:<52} {r['provider']:<20} {r['median_ms']:10.3f} ms  {headline}")
     return "\n".join(out)
+
+
+# The issues' performance targets: (label, what identifies the result, provider, peer, ratio wanted); the
+# ratio is the peer's median time over fastvit's (> 1: fastvit is faster). The fused GEMMs are judged as
+# the model calls them ("fastvit+stats": LayerNorm statistics handed on by the previous GEMM) and as
+# standalone ops ("fastvit": an LN GEMM then runs its own statistics pass). The GEMMs at the issue's
+# M = 50432 (ViT-B at batch 256) only, the models at batch 256 only.
+VIT_B_256 = {"vit": "base", "batch": 256}
+TARGETS = [
+    *((f"{case} fwd vs eager ({provider})", {"case": case, "mode": "fwd", "M": 50432}, provider, "eager", wanted)
+      for case, wanted in (("ln_fc1_gelu", 1.3), ("proj_residual", 1.15), ("fc2_residual", 1.15))
+      for provider in ("fastvit", "fastvit+stats")),
+    ("plain GEMM fwd vs cuBLAS", {"case": "plain", "mode": "fwd", "M": 50432}, "fastvit", "eager", 0.95),
+    ("ViT-B/16 b256 inference vs torch.compile(timm)", {**VIT_B_256, "mode": "inference"}, "fastvit",
+     "torch.compile(timm)", 1.3),
+    ("ViT-B/16 b256 train step vs torch.compile(timm)", {**VIT_B_256, "mode": "train"}, "fastvit",
+     "torch.compile(timm)", 1.2),
+]  # fmt: skip
+MFU_TARGET = ("ViT-B/16 b256 inference MFU", {**VIT_B_256, "mode": "inference"}, "fastvit", 60.0)
+
+
+def _find(benchmarks, match, provider):
+    found = [r for r in rows(benchmarks) if r["provider"] == provider and all(r[k] == v for k, v in match.items())]
+    return found[0] if found else None
+
+
+def targets(benchmarks):
+    """One line per issue target: the measured ratio (or MFU) against what the issue asks, or 'not measured'."""
+    lines = []
+    for label, match, provider, peer, wanted in TARGETS:
+        ours, theirs = _find(benchmarks, match, provider), _find(benchmarks, match, peer)
+        if ours is None or theirs is None:
+            lines.append(f"{label:<52} not measured")
+            continue
+        ratio = theirs["median_ms"] / ours["median_ms"]
+        lines.append(f"{label:<52} {ratio:5.2f}x (target >= {wanted}x) {'met' if ratio >= wanted else 'MISSED'}")
+    label, match, provider, wanted = MFU_TARGET
+    ours = _find(benchmarks, match, provider)
+    verdict = "not measured" if ours is None or ours["pct_peak_tflops"] is None else (
+        f"{ours['pct_peak_tflops']:5.1f}% (target >= {wanted:.0f}%) {'met' if ours['pct_peak_tflops'] >= wanted else 'MISSED'}")
+    lines.append(f"{label:<52} {verdict}")
+    return "\n".join(lines)
 
 
 def plot(benchmarks, path):
@@ -123,6 +168,7 @@ def main(argv=None):
     benchmarks, counts, environment, peaks = load(files)
     if args.short:
         print(short(benchmarks) or "no timed results")
+        print("\nThe issues' targets (measured in this run):\n" + targets(benchmarks))
         return 0
     text = markdown(benchmarks, counts, environment, peaks)
     if args.markdown:

@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import roofline
-from benchlib import Work, assert_close_rel, count_eager, count_triton, fastvit_op, measure, record_count, rotation
+from benchlib import (DEVICE, Work, assert_close_rel, at_scale, count_eager, count_triton, fastvit_op, measure,
+                      record_count, rotation)  # fmt: skip
 
-SHAPES = [(256, 12, 197, 64), (64, 16, 577, 64), (256, 16, 257, 80)]
+SHAPES = at_scale([(256, 12, 197, 64), (64, 16, 577, 64), (256, 16, 257, 80)],
+                  [(2, 2, 17, 64), (1, 2, 33, 64), (2, 2, 17, 80)])
 PROVIDERS = ("fastvit", "sdpa-flash", "eager")
 
 
@@ -42,7 +44,7 @@ def test_attention(benchmark, gpu, peaks, shape, mode, provider):
     backward = mode == "fwd+bwd"
 
     def make_inputs():
-        q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, k, v, do = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
         return tuple(t.requires_grad_(backward) for t in (q, k, v)) + (do,)
 
     def run(q, k, v, do):

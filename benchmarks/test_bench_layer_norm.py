@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import roofline
-from benchlib import Work, assert_close_rel, count_eager, count_triton, fastvit_op, measure, record_count, rotation
+from benchlib import (DEVICE, Work, assert_close_rel, at_scale, count_eager, count_triton, fastvit_op, measure,
+                      record_count, rotation)  # fmt: skip
 
-M, D = 50432, 768
+M, D = at_scale((50432, 768), (100, 64))
 PROVIDERS = ("fastvit", "torch")
 
 
@@ -47,7 +48,7 @@ def test_layer_norm(benchmark, gpu, peaks, provider, mode):
         for name, got, want in zip(("dx", "dw", "db"), out, torch.autograd.grad(ref, (x, w, b), dy)):
             assert_close_rel(got, want, 2e-2, name)
 
-    sets = rotation(lambda: _inputs("cuda", backward), M * D * 2 * (3 if backward else 2))
+    sets = rotation(lambda: _inputs(DEVICE, backward), M * D * 2 * (3 if backward else 2))
     work = Work(*roofline.layer_norm(M, D, backward=backward))
     measure(benchmark, run, sets, check=check, work=work, peaks=peaks, group=f"layer_norm {mode} {M}x{D} bf16",
             provider=provider, extra={"shape": [M, D], "dtype": "bf16", "mode": mode})  # fmt: skip

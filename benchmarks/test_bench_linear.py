@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import roofline
-from benchlib import Work, assert_close_rel, count_eager, count_triton, fastvit_op, measure, record_count, rotation
+from benchlib import (DEVICE, Work, assert_close_rel, at_scale, count_eager, count_triton, fastvit_op, measure,
+                      record_count, rotation)  # fmt: skip
 
-M, D = 50432, 768
+M, D = at_scale((50432, 768), (100, 64))
 # case -> (K, N, layer norm prologue, activation, residual epilogue); "plain" is x W^T + b alone, where eager
 # is cuBLAS itself (the issue's >= 0.95x cuBLAS target)
 CASES = {
@@ -134,7 +135,7 @@ def trainable(inputs, backward):
 
 
 def output_grad(N):
-    return torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    return torch.randn(M, N, device=DEVICE, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("case, mode, provider", list(_modes(CASES, {"ln_fc1_gelu"}, PROVIDERS)))
@@ -143,7 +144,7 @@ def test_linear(benchmark, gpu, peaks, case, mode, provider):
     N = CASES[case][1]
 
     def make():  # the op's 7 inputs (trainable), x's statistics for "fastvit+stats" (no gradient), dy
-        inputs = make_inputs(case, "cuda", with_stats=provider == "fastvit+stats")
+        inputs = make_inputs(case, DEVICE, with_stats=provider == "fastvit+stats")
         return (*trainable(inputs[:7], backward), *inputs[7:], output_grad(N))
 
     fwd = work(case)
@@ -195,7 +196,7 @@ def test_mlp_branch(benchmark, gpu, peaks, mode, provider):
         provider) or compiled_mlp_branch()
     fc1, fc2 = roofline.linear(M, D, 4 * D, layer_norm=True), roofline.linear(M, 4 * D, D, residual=True)
     fwd = Work(fc1[0] + fc2[0], fc1[1] + fc2[1])
-    sets = rotation(lambda: (*trainable(make_mlp_inputs("cuda"), backward), output_grad(D)), fwd.bytes)
+    sets = rotation(lambda: (*trainable(make_mlp_inputs(DEVICE), backward), output_grad(D)), fwd.bytes)
     measure(benchmark, with_backward(fn, backward), sets, check=check_against_fp32(eager_mlp_branch, 7, backward, "mlp"),
             work=Work(fwd.flops * 3, fwd.bytes * 3) if backward else fwd, peaks=peaks,
             group=f"mlp branch {mode} M={M} bf16", provider=provider, extra={"M": M, "dtype": "bf16", "mode": mode})  # fmt: skip

@@ -15,11 +15,16 @@ import pytest
 import torch
 
 import roofline
-from benchlib import Work, assert_close_rel, count_eager, count_triton, environment, measure, record_count, rotation
+from benchlib import (DEVICE, Work, assert_close_rel, at_scale, count_eager, count_triton, environment, measure,
+                      record_count, rotation)  # fmt: skip
 
-BATCHES = (1, 32, 256)
+TARGET_BATCH = at_scale(256, 3)  # the issue's batch for ViT-B/16
+BATCHES = at_scale((1, 32, TARGET_BATCH), (1, 2, TARGET_BATCH))
+TRAIN_BATCHES = at_scale((32, TARGET_BATCH), (2, TARGET_BATCH))
+# the rehearsal's ViTs: 224 px images in 16 patches of 56 px, one narrow block
+MODEL_KWARGS = at_scale({}, dict(patch_size=56, embed_dim=64, depth=1, num_heads=2, mlp_ratio=2.0))
 PROVIDERS = ("fastvit", "timm", "torch.compile(timm)")
-QUICK = {("base", 256, "torch.compile(timm)")}  # compiles cost ~1 min each
+QUICK = {("base", TARGET_BATCH, "torch.compile(timm)")}  # compiles cost ~1 min each
 
 
 def create_fastvit(name, **kwargs):
@@ -54,7 +59,7 @@ def _case_marks(vit, batch, provider):
     """Compiles only where QUICK says (outside --bench-full); ViT-B/16 at batch 256 is the issue's target."""
     compiled = provider == "torch.compile(timm)"
     marks = [pytest.mark.full_only] if compiled and (vit, batch, provider) not in QUICK else []
-    return marks + ([pytest.mark.headline] if (vit, batch) == ("base", 256) else [])
+    return marks + ([pytest.mark.headline] if (vit, batch) == ("base", TARGET_BATCH) else [])
 
 
 def _cases(batches):
@@ -73,9 +78,9 @@ def _provider_model(provider, ours, reference):
 @pytest.mark.parametrize("vit, batch, provider", list(_cases(BATCHES)))
 def test_inference(benchmark, gpu, peaks, vit, batch, provider):
     config = roofline.VITS[vit]
-    ours, reference = paired_models(config.timm_name)
-    reference_fp32 = reference.cuda()
-    model = _provider_model(provider, ours.cuda().bfloat16(), _bf16_copy(reference_fp32))
+    ours, reference = paired_models(config.timm_name, **MODEL_KWARGS)
+    reference_fp32 = reference.to(DEVICE)
+    model = _provider_model(provider, ours.to(DEVICE).bfloat16(), _bf16_copy(reference_fp32))
 
     @torch.inference_mode()
     def run(images):
@@ -86,7 +91,7 @@ def test_inference(benchmark, gpu, peaks, vit, batch, provider):
             expected = reference_fp32(inputs[0].float())
         assert_close_rel(logits, expected, 5e-2, f"{vit} logits")
 
-    sets = rotation(lambda: (torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16),), batch * 3 * 224 * 224 * 2)
+    sets = rotation(lambda: (torch.randn(batch, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16),), batch * 3 * 224 * 224 * 2)
     flops, nbytes = roofline.model_forward(config, batch)
     seconds = measure(benchmark, run, sets, check=check, work=Work(flops, nbytes), peaks=peaks,
                       group=f"inference ViT-{vit[0].upper()}/16 bf16", provider=provider,
@@ -99,19 +104,19 @@ def _bf16_copy(model):
 
 
 @pytest.mark.parametrize("vit, batch, provider", [
-    pytest.param(v, b, p, marks=_case_marks(v, b, p) if v == "base" and b == 256 else [pytest.mark.full_only],
+    pytest.param(v, b, p, marks=_case_marks(v, b, p) if v == "base" and b == TARGET_BATCH else [pytest.mark.full_only],
                  id=f"{v}-b{b}-{p}")
-    for v in roofline.VITS for b in (32, 256) for p in PROVIDERS  # 256: the issue's target batch
+    for v in roofline.VITS for b in TRAIN_BATCHES for p in PROVIDERS
 ])  # fmt: skip
 def test_train_step(benchmark, gpu, peaks, vit, batch, provider):
     config = roofline.VITS[vit]
-    ours, reference = paired_models(config.timm_name)
-    initial_fp32 = copy.deepcopy(reference).cuda().eval()  # the weights before any step, for the check
-    model = _provider_model(provider, ours.cuda().train(), reference.cuda().train())
+    ours, reference = paired_models(config.timm_name, **MODEL_KWARGS)
+    initial_fp32 = copy.deepcopy(reference).to(DEVICE).eval()  # the weights before any step, for the check
+    model = _provider_model(provider, ours.to(DEVICE).train(), reference.to(DEVICE).train())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(images, labels):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
@@ -124,7 +129,7 @@ def test_train_step(benchmark, gpu, peaks, vit, batch, provider):
             expected = torch.nn.functional.cross_entropy(initial_fp32(inputs[0]), inputs[1])
         assert abs(loss.item() - expected.item()) <= 2e-2 * abs(expected.item()) + 1e-2, (loss.item(), expected.item())
 
-    sets = rotation(lambda: (torch.randn(batch, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (batch,), device="cuda")),
+    sets = rotation(lambda: (torch.randn(batch, 3, 224, 224, device=DEVICE), torch.randint(0, 1000, (batch,), device=DEVICE)),
                     batch * 3 * 224 * 224 * 4, max_sets=2)  # fmt: skip
     flops = roofline.train_step_flops(config, batch)
     seconds = measure(benchmark, step, sets, check=check, work=Work(flops, 3 * roofline.model_forward(config, batch)[1]),

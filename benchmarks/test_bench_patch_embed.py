@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import roofline
-from benchlib import Work, assert_close_rel, count_eager, count_triton, fastvit_op, measure, record_count, rotation
+from benchlib import (DEVICE, Work, assert_close_rel, at_scale, count_eager, count_triton, fastvit_op, measure,
+                      record_count, rotation)  # fmt: skip
 
-B, C, P, D = 256, 3, 16, 768
-IMAGE_SIZES = (224, 384)
+B, C, P, D = at_scale((256, 3, 16, 768), (2, 3, 16, 64))
+IMAGE_SIZES = at_scale((224, 384), (32, 48))
 PROVIDERS = ("fastvit", "eager", "torch.compile")
 
 
@@ -43,7 +44,7 @@ def test_patch_embed(benchmark, gpu, peaks, img, provider):
         assert_close_rel(out, eager_patch_embed(*(t.float() for t in inputs)), 1e-2, "tokens")
 
     work = Work(*roofline.patch_embed(B, D, img, P, C))
-    sets = rotation(lambda: make_inputs(img, "cuda"), work.bytes)
+    sets = rotation(lambda: make_inputs(img, DEVICE), work.bytes)
     measure(benchmark, _provider(provider), sets, check=check, work=work, peaks=peaks,
             group=f"patch_embed B={B} {img}px bf16", provider=provider, extra={"img": img, "batch": B, "dtype": "bf16"})  # fmt: skip
 
