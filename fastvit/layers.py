@@ -212,7 +212,7 @@ def plain(module: nn.Module, kind: str) -> bool:
     """Whether the fused ops may read `module`'s parameters instead of calling it: it runs the forward of
     a class of `kind` (its own class's, so a subclass overriding forward or a wrapper is not plain) and has
     no hooks of its own."""
-    return type(module).forward in known_forwards()[kind] and not _own_hooks(module)
+    return type(module).forward in (_KNOWN_FORWARDS or known_forwards())[kind] and not _own_hooks(module)
 
 
 # the submodules block_forward reads instead of calling, by the kind each must be
@@ -226,7 +226,8 @@ def fusable_stem(patch_embed: nn.Module) -> bool:
     """Whether ops.patch_embed computes what calling `patch_embed` computes: fastvit's or timm's PatchEmbed
     with a plain Conv2d and identities for its other children (timm's norm)."""
     return plain(patch_embed, "patch_embed") and all(
-        plain(child, "conv" if name == "proj" else "identity") for name, child in patch_embed.named_children()
+        plain(child, "conv" if name == "proj" else "identity")
+        for name, child in patch_embed._modules.items() if child is not None
     )
 
 
@@ -235,12 +236,13 @@ def fusable(block: nn.Module) -> bool:
     plain() for its kind, and every other child of attn / mlp (timm's q_norm, k_norm, norm) an identity."""
     if _global_hooks():
         return False
+    modules = block._modules  # (checked on every forward: _modules is the fast way to the children)
     for name, kind in _BLOCK_PARTS:
-        if not plain(getattr(block, name), kind):
+        if not plain(modules[name], kind):
             return False
-    for parent, parts in ((block.attn, _ATTENTION_PARTS), (block.mlp, _MLP_PARTS)):
-        for name, child in parent.named_children():
-            if not plain(child, parts.get(name, "identity")):
+    for parent, parts in ((modules["attn"], _ATTENTION_PARTS), (modules["mlp"], _MLP_PARTS)):
+        for name, child in parent._modules.items():
+            if child is not None and not plain(child, parts.get(name, "identity")):
                 return False
     return True
 
