@@ -35,7 +35,7 @@ from torch.nn.modules import module as torch_module
 from fastvit import ops
 
 
-def _pair(v) -> Tuple[int, int]:
+def to_pair(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, numbers.Integral) else tuple(int(i) for i in v)
 
 
@@ -46,8 +46,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True, dynamic_img_pad=False):
         super().__init__()
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
+        self.img_size = to_pair(img_size)
+        self.patch_size = to_pair(patch_size)
         if self.patch_size[0] != self.patch_size[1]:
             raise NotImplementedError(f"patch_size: fastvit supports square patches, got {self.patch_size}")
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))

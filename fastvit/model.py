@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 
 from fastvit import ops
 from fastvit.layers import (Block, PatchEmbed, block_forward, fusable_stem, gelu_name, has_hooks, known_forwards,
-                            plain)  # fmt: skip
+                            plain, to_pair)  # fmt: skip
 from fastvit.ops.patch_embed import add_prefix_and_position
 from fastvit.ops._common import check_int, check_positive, check_probability
 
@@ -222,6 +222,26 @@ class VisionTransformer(nn.Module):
             for i, block in enumerate(self.blocks):
                 block.attn.proj.weight.div_((2.0 * (i + 1)) ** 0.5)
                 block.mlp.fc2.weight.div_((2.0 * (i + 1)) ** 0.5)
+
+    def set_input_size(self, img_size=None, patch_size=None):
+        """timm's: a new input resolution, the position embedding resampled to the new patch grid as timm
+        resamples it. A new patch size (timm also resamples the patch projection) is not implemented."""
+        if patch_size is not None and to_pair(patch_size) != self.patch_embed.patch_size:
+            raise NotImplementedError("patch_size: changing the patch size is not implemented by fastvit")
+        if img_size is None:
+            return
+        from fastvit.pos_embed import resample_pos_embed
+
+        pe, old_grid = self.patch_embed, self.patch_embed.grid_size
+        pe.img_size = to_pair(img_size)
+        pe.grid_size = tuple(s // p for s, p in zip(pe.img_size, pe.patch_size))
+        pe.num_patches = pe.grid_size[0] * pe.grid_size[1]
+        if pe.grid_size != old_grid:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            with torch.no_grad():
+                resampled = resample_pos_embed(self.pos_embed, pe.grid_size, num_prefix_tokens=prefix, old_grid=old_grid)
+            self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+        self.pretrained_cfg = dict(self.pretrained_cfg, input_size=(self.in_chans, *pe.img_size))
 
     @property
     def default_cfg(self) -> dict:

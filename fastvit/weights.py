@@ -429,6 +429,10 @@ def from_timm(timm_model: nn.Module) -> nn.Module:
     model = VisionTransformer(**_timm_config(timm_model), weight_init="skip", device=ref.device, dtype=ref.dtype)
     model.load_state_dict(timm_model.state_dict(), strict=True)
     model.pretrained_cfg = dict(getattr(timm_model, "pretrained_cfg", None) or model.pretrained_cfg)
+    model.grad_checkpointing = getattr(timm_model, "grad_checkpointing", False)
+    frozen = {name for name, p in timm_model.named_parameters() if not p.requires_grad}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
     return model.train(timm_model.training)
 
 

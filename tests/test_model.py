@@ -234,6 +234,17 @@ def test_forward_intermediates_match_timm(kwargs):
     assert [t.shape for t in model.get_intermediate_layers(images, 2, reshape=True)] == [(2, 64, 4, 6)] * 2
 
 
+def test_set_input_size_resamples_like_timm():
+    kwargs, model, timm_model = build(dict(reg_tokens=1))
+    for m in (model, timm_model):
+        m.set_input_size((48, 40))
+    images = torch.randn(2, 3, 48, 40, device=DEVICE)
+    with torch.no_grad():
+        assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4, name="logits at the new size")
+    with pytest.raises(NotImplementedError, match="patch_size"):
+        model.set_input_size(patch_size=4)
+
+
 def test_timm_training_utilities_see_timm_metadata():
     """timm's layer-wise lr decay groups by group_matcher, and its data config reads pretrained_cfg."""
     import timm

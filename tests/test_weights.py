@@ -426,6 +426,15 @@ def test_unsupported_timm_features_are_named(fused_ops, kwargs, feature):
         assert type(source) is timm_vit.VisionTransformer, "a refused model must be left untouched"
 
 
+def test_from_timm_keeps_frozen_parameters_and_checkpointing(fused_ops):
+    source = timm_model()
+    source.patch_embed.proj.weight.requires_grad_(False)
+    source.set_grad_checkpointing(True)
+    model = weights.from_timm(source)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["patch_embed.proj.weight"] and model.grad_checkpointing
+
+
 def test_parallel_blocks_are_named(fused_ops):
     """timm's parallel-branch ViTs (block_fn=ParallelThingsBlock) have no norm1: refused by name."""
     import timm
