@@ -68,7 +68,7 @@ summary() {
 summary | tee "$RESULTS/summary.txt"
 
 if [ -n "${OUT:-}" ]; then
-    for f in summary.txt environment.txt tests.log bench.log bench.json report.md throughput.png inspect.json; do
+    for f in summary.txt environment.txt tests.log tests.xml bench.log bench.json report.md throughput.png inspect.json; do
         [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/"
     done
 fi

@@ -1,9 +1,9 @@
 """`python -m fastvit demo`: the main job.
 
-With a CUDA GPU it times fastvit against the eager reference and timm (and torch.compile of timm) for a
-ViT and prints images/s. Without one it says so, runs every kernel through the Triton interpreter on a
-small ViT and prints parity per op and for the whole model, counts launches per forward, and times the
-torch fallback against timm on the CPU.
+With a CUDA GPU it times fastvit against the eager reference and timm eager for a ViT and prints
+images/s (the benchmarks add torch.compile(timm): benchmarks/gpu_check.sh). Without one it says so, runs
+every kernel through the Triton interpreter on a small ViT and prints parity per op and for the whole
+model, counts launches per forward, and times the torch fallback against timm on the CPU.
 """
 import argparse
 import math
@@ -82,7 +82,7 @@ def _model_parity(torch):
     ref.load_state_dict(timm_model.state_dict())
     model = fastvit.from_timm(timm_model).eval()
     images = torch.randn(2, 3, 32, 32)
-    with fastvit.count_launches() as launches:
+    with fastvit.use_backend("triton"), fastvit.count_launches() as launches:  # whatever FASTVIT_BACKEND says
         logits = model(images)
     rows = [
         ("fastvit (triton, interpreted) vs reference", _max_err(logits, ref(images))),
@@ -102,7 +102,7 @@ def _vit_base_traffic(torch) -> str:
     import fastvit
 
     model = fastvit.create_model("vit_base_patch16_224").eval().bfloat16()
-    with torch.inference_mode(), fastvit.count_launches(dry_run=True) as launches:
+    with torch.inference_mode(), fastvit.use_backend("triton"), fastvit.count_launches(dry_run=True) as launches:
         model(torch.empty(256, 3, 224, 224, dtype=torch.bfloat16))
     return (f"\nViT-B/16 forward, batch 256, bf16 (counted without running): {launches.total} launches "
             f"({_per_kernel(launches)}),\n{launches.bytes / 1e9:.1f} GB modelled HBM traffic (each launch's tensors moved "
@@ -195,8 +195,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastvit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="parity and throughput on this machine")
-    demo.add_argument("--model", default="vit_base_patch16_224")
-    demo.add_argument("--batch", type=int, default=64)
+    demo.add_argument("--model", default="vit_base_patch16_224", help="the ViT timed on a GPU (GPU only)")
+    demo.add_argument("--batch", type=int, default=64, help="the batch timed on a GPU (GPU only)")
     args = parser.parse_args(argv)
     _ensure_interpreter_without_gpu(argv)
 

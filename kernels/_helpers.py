@@ -1,5 +1,5 @@
 """Shared helpers for the Triton kernels: interpreter detection, launch context, output allocation,
-block-size heuristics and the dot-precision policy.
+and the dot-precision policy.
 
 Nothing here imports fastvit: the dependency arrow is fastvit/ -> kernels/ -> triton.
 """
@@ -84,17 +84,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
-
-
-def rowwise_config(n_cols: int, element_size: int):
-    """(BLOCK, num_warps) for kernels that hold one row of `n_cols` elements in registers.
-
-    One program owns a whole row so its statistics are a single in-register reduction; warps grow with
-    the row so each thread keeps <= ~16 elements (no spills up to 16K columns in fp32).
-    """
-    block = triton.next_power_of_2(max(n_cols, 1))
-    num_warps = min(max(block * element_size // 512, 1), 16)
-    return block, triton.next_power_of_2(num_warps)
 
 
 TORCH_TO_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}

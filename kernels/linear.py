@@ -76,8 +76,10 @@ Design:
   bucketed (M, N, K), dtype and flag set, cached per process, with a pre-tuned default for ViT-S/B/L
   shapes used while a CUDA graph is being captured or when FASTVIT_AUTOTUNE=0.
 
-Limits: x, dy and W may have any strides (unit last-dim strides give vector loads); the residual and the
-saved z need a unit column stride; outputs are contiguous; offsets are int64.
+Limits: dy and W may have any strides (unit last-dim strides give vector loads), and so may x without a
+LayerNorm prologue; with one, x needs a unit column stride (the statistics pass and LayerNorm's backward
+read whole rows), as do the residual and the saved z; outputs are contiguous; offsets are int64. The ops
+in fastvit/ops hand over rows with a unit column stride (rows_view copies any other).
 """
 import os
 

@@ -15,7 +15,8 @@ pos on the prefix rows (timm's default), n' = n and no pos on the prefix rows wi
 
 Design:
 - One GEMM kernel serves all three products. Each GEMM dimension counts patches, pixels-in-a-patch or
-  embedding channels (KIND_M / KIND_N / KIND_K), and every operand addresses a dimension through three
+  embedding channels (a constexpr KIND per operand dimension: KIND_A_M, KIND_A_K, KIND_B_K, KIND_B_N,
+  KIND_C_M, KIND_C_N), and every operand addresses a dimension through three
   strides applied to the index's digits: a patch index (b, ph, pw), a pixel index (c, i, j), a channel d.
   So NCHW, channels-last or any strided images, the weight as stored, the token tensor and its gradient
   are all read and written in place: no im2col buffer, no transposed copy, no cast copy (operands are

@@ -523,6 +523,8 @@ INT64_OPS = {
     "layer_norm": lambda s: (ops.layer_norm, far_apart(s, rand(3, 8)), rand(8), rand(8)),
     "linear": lambda s: (ops.linear, far_apart(s, rand(3, 8)), rand(4, 8), rand(4)),
     "layer_norm_linear": lambda s: (ops.layer_norm_linear, far_apart(s, rand(3, 8)), rand(8), rand(8), rand(4, 8)),
+    "layer_norm_mlp": lambda s: (ops.layer_norm_mlp, far_apart(s, rand(3, 8)), rand(8), rand(8), rand(16, 8), rand(16),
+                                 rand(8, 16)),
     "attention_batch": lambda s: (ops.attention, *(far_apart(s, rand(3, 1, 5, 16), i * 80) for i in range(3))),
     "qkv_attention_batch": lambda s: (lambda qkv: ops.qkv_attention(qkv, 2), far_apart(s, rand(3, 5, 48))),
     "attention_rows": lambda s: (ops.attention, *(far_apart(s, rand(3, 1, 1, 16), i * 16).permute(1, 2, 0, 3)
