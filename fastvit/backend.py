@@ -50,12 +50,16 @@ def use_backend(name: str):
         set_backend(previous)
 
 
-def use_triton(device: torch.device) -> bool:
+def use_triton(device: torch.device, *tensors) -> bool:
     """Whether ops on tensors of `device` run the Triton kernels under the current backend.
 
-    Raises RuntimeError when "triton" is forced on a device where the kernels cannot run.
+    `tensors` (the op's tensor arguments, None allowed): inside a torch.func transform (grad, vmap, jvp,
+    functional_call under grad) they are functorch wrappers, and the custom ops have no batching or
+    forward-mode rules (jvp would silently give zero tangents), so such calls take the plain PyTorch path,
+    which the transforms handle. Raises RuntimeError when "triton" is forced on a device where the kernels
+    cannot run.
     """
-    if _backend == "torch":
+    if _backend == "torch" or _in_functorch_transform(tensors):
         return False
     runnable = can_run_on(device)
     if _backend == "triton" and not runnable:
@@ -68,3 +72,10 @@ def use_triton(device: torch.device) -> bool:
         raise RuntimeError(f"fastvit backend 'triton' cannot run on device {device}: {hint}; "
                            f"use set_backend('auto') to fall back to torch")
     return runnable
+
+
+def _in_functorch_transform(tensors) -> bool:
+    if torch.compiler.is_compiling():  # Dynamo traces its own way through torch.func; the check is eager-only
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(t is not None and wrapped(t) for t in tensors)

@@ -210,9 +210,11 @@ def _global_hooks() -> bool:
 
 def plain(module: nn.Module, kind: str) -> bool:
     """Whether the fused ops may read `module`'s parameters instead of calling it: it runs the forward of
-    a class of `kind` (its own class's, so a subclass overriding forward or a wrapper is not plain) and has
-    no hooks of its own."""
-    return type(module).forward in (_KNOWN_FORWARDS or known_forwards())[kind] and not _own_hooks(module)
+    a class of `kind` (its own class's: not a subclass overriding forward, a wrapper or an instance-level
+    forward) and has no hooks of its own."""
+    forward = getattr(type(module), "forward", None)
+    return (forward in (_KNOWN_FORWARDS or known_forwards())[kind] and "forward" not in module.__dict__
+            and not _own_hooks(module))  # fmt: skip
 
 
 # the submodules block_forward reads instead of calling, by the kind each must be
@@ -238,7 +240,7 @@ def fusable(block: nn.Module) -> bool:
         return False
     modules = block._modules  # (checked on every forward: _modules is the fast way to the children)
     for name, kind in _BLOCK_PARTS:
-        if not plain(modules[name], kind):
+        if not plain(modules.get(name), kind):
             return False
     for parent, parts in ((modules["attn"], _ATTENTION_PARTS), (modules["mlp"], _MLP_PARTS)):
         for name, child in parent._modules.items():
@@ -264,7 +266,7 @@ def _collect_known_forwards() -> dict:
         "norm": [nn.LayerNorm], "linear": [nn.Linear], "dropout": [nn.Dropout, nn.Identity],
         "identity": [nn.Identity], "gelu": [nn.GELU], "attention": [Attention], "mlp": [Mlp],
         "layer_scale": [LayerScale, nn.Identity], "drop_path": [DropPath, nn.Identity],
-        "patch_embed": [PatchEmbed], "conv": [nn.Conv2d],
+        "patch_embed": [PatchEmbed], "conv": [nn.Conv2d], "block": [Block],
     }  # fmt: skip
     try:
         from timm import layers as timm_layers
@@ -279,6 +281,11 @@ def _collect_known_forwards() -> dict:
         for module in (timm_layers, timm_vit):
             kinds[kind] += [getattr(module, n) for n in names if getattr(module, n, None) is not None]
     return {kind: frozenset(cls.forward for cls in classes) for kind, classes in kinds.items()}
+
+
+def add_fused_block_class(cls) -> None:
+    """Count `cls` (fastvit.patch_timm's subclass of timm's Block) as a block whose forward is block_forward."""
+    known_forwards()["block"] |= {cls.forward}
 
 
 def gelu_name(act: nn.Module) -> str:

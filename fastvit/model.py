@@ -169,7 +169,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # also under a meta device
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_bias, init_values, norm_layer, approximate,
                   attn_drop_rate, proj_drop_rate, rates[i])
@@ -327,15 +327,16 @@ class VisionTransformer(nn.Module):
         return x, x_stats
 
     def _block(self, block: nn.Module, x: torch.Tensor, x_stats):
-        """(block(x), its statistics or None), checkpointed when enabled; a block with hooks is called as a
-        module (it then takes its own LayerNorm statistics)."""
-        hooked = has_hooks(block)
-        call, args = (block, (x,)) if hooked else (block_forward, (block, x, x_stats, True))
+        """(block(x), its statistics or None), checkpointed when enabled. A block with hooks, or one whose
+        forward is not block_forward (a subclass, a wrapper such as checkpoint_wrapper or torch.compile, an
+        nn.Identity dropping it) is called as a module (it then takes its own LayerNorm statistics)."""
+        as_module = has_hooks(block) or not plain(block, "block")
+        call, args = (block, (x,)) if as_module else (block_forward, (block, x, x_stats, True))
         if self.grad_checkpointing and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False)
         else:
             out = call(*args)
-        return (out, None) if hooked else out
+        return (out, None) if as_module else out
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -421,6 +422,9 @@ class VisionTransformer(nn.Module):
         return ops.linear(x, self.head.weight, self.head.bias) if plain(self.head, "linear") else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(getattr(type(self), name) is not getattr(VisionTransformer, name) or name in self.__dict__
+               for name in ("forward_features", "forward_head")):  # fmt: skip
+            return self.forward_head(self.forward_features(x))  # a subclass's own stages, as timm's forward
         x, x_stats = self._blocks(self._embed(x))
         norms_plain = all(plain(n, "norm") or plain(n, "identity") for n in (self.norm, self.fc_norm))
         if self.global_pool == "token" and norms_plain:

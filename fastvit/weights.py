@@ -525,6 +525,7 @@ def _fused_timm_classes():
                 return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
             return Fused.forward_features(self, x)
 
+    _fused_layers().add_fused_block_class(FusedTimmBlock)
     for cls in (FusedTimmBlock, FusedTimmVisionTransformer):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
     return FusedTimmBlock, FusedTimmVisionTransformer

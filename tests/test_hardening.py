@@ -467,6 +467,36 @@ def test_meta_tensors_give_shapes():
         assert out.device.type == "meta" and tuple(out.shape) == shape, name
 
 
+def test_torch_func_transforms_take_the_torch_path():
+    """torch.func.grad / vmap / jvp wrap the tensors; the custom ops have no batching or forward-mode rules
+    (jvp gave zero tangents), so those calls run the plain PyTorch path: gradients as autograd's."""
+    from torch.func import grad, jvp, vmap
+
+    x, w = rand(4, 16), rand(8, 16)
+    loss = lambda w, x: ops.linear(x, w, activation="gelu").square().sum()  # noqa: E731
+    leaf = w.clone().requires_grad_()
+    loss(leaf, x).backward()
+    assert_close(grad(loss)(w, x), leaf.grad, atol=1e-4, rtol=1e-4, name="torch.func.grad")
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(w, x[:, None])
+    assert per_sample.shape == (4, 8, 16)
+    assert_close(per_sample.sum(0), leaf.grad, atol=1e-4, rtol=1e-4, name="per-sample gradients")
+    tangent = jvp(lambda x: ops.linear(x, w), (x,), (torch.ones_like(x),))[1]
+    assert_close(tangent, torch.ones_like(x) @ w.t(), atol=1e-4, rtol=1e-4, name="jvp tangent")
+
+
+def test_backward_through_a_graph_exported_without_gradients_is_refused():
+    """Exported under no_grad the fused ops decide to save nothing for a backward; training through that
+    graph is a clear error, not a read of tensors that were never saved."""
+    block = torch.nn.Linear(16, 8)
+    call = lambda m, x: ops.linear(x, m.weight, m.bias, activation="gelu")  # noqa: E731
+    module = type("Gelu", (torch.nn.Module,), {"forward": lambda self, x: call(block, x)})()
+    module.block = block
+    with torch.no_grad():
+        exported = torch.export.export(module, (rand(2, 16),)).module()
+    with pytest.raises(RuntimeError, match="saved nothing for a backward"):
+        exported(rand(2, 16)).sum().backward()
+
+
 def test_numbers_may_be_numpy_scalars():
     np = pytest.importorskip("numpy")
     x = rand(2, 5, 16)

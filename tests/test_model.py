@@ -208,6 +208,64 @@ def test_hooks_on_any_submodule_fire(how):
         assert_close(logits, expected, atol=1e-5, rtol=1e-5, name=f"logits with a hook on {name}")
 
 
+def test_gradient_accumulation_and_clipping_match_timm():
+    """Two backward passes accumulate into .grad exactly as timm's do, and no two parameters' .grad share
+    memory (the class token's gradient once was a view of pos_embed's: clipping or unscaling one then
+    changed the other)."""
+    kwargs, model, timm_model = build(dict(reg_tokens=2))
+    images = image_batch(kwargs)
+    grads = []
+    for m in (model, timm_model):
+        for _ in range(2):
+            m(images).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    storages = [g.untyped_storage().data_ptr() for g in grads[0].values()]
+    assert len(set(storages)) == len(storages), "two parameters' gradients share memory"
+    for name, g in grads[0].items():
+        assert_close(g, grads[1][name], atol=1e-7, rtol=1e-3, name=f"accumulated, clipped grad {name}")
+
+
+def test_blocks_replaced_subclassed_or_wrapped_are_called():
+    """A block whose forward is not block_forward (a subclass, an instance-level forward, a wrapper, an
+    nn.Identity that drops it) is called as a module, as timm calls it; so are overridden model stages."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    class Doubled(fastvit.layers.Block):
+        def forward(self, x):
+            return 2 * fastvit.layers.block_forward(self, x)
+
+    kwargs, model, timm_model = build({})
+    images = image_batch(kwargs)
+    model.eval(), timm_model.eval()
+    with torch.no_grad():
+        model.blocks[0] = checkpoint_wrapper(model.blocks[0])
+        timm_model.blocks[1] = torch.nn.Identity()
+        model.blocks[1] = torch.nn.Identity()
+        assert_close(model(images), timm_model(images), atol=1e-4, rtol=1e-4, name="wrapped / dropped blocks")
+        model.blocks[1] = build({})[1].blocks[1]
+        model.blocks[1].__class__ = Doubled
+        doubled = model.forward_features(images)
+        model.blocks[1].__class__ = fastvit.layers.Block
+        model.blocks[1].forward = lambda x: 2 * fastvit.layers.block_forward(model.blocks[1], x)
+        assert_close(model.forward_features(images), doubled, name="instance-level forward")
+
+    class Shifted(fastvit.VisionTransformer):
+        def forward_head(self, x, pre_logits=False):
+            return super().forward_head(x, pre_logits) + 100
+
+    shifted = Shifted(**kwargs).to(DEVICE).eval()
+    shifted.load_state_dict(build({})[2].state_dict())
+    with torch.no_grad():
+        assert (shifted(images) > 50).all(), "a subclass's forward_head was bypassed"
+
+
+def test_deferred_init_on_the_meta_device():
+    with torch.device("meta"):
+        model = fastvit.VisionTransformer(**TINY, drop_path_rate=0.1)
+    assert model.pos_embed.is_meta and model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+
+
 def test_standard_blocks_stay_fused():
     """The checks that route modified blocks to their modules leave a standard model on the fused ops."""
     model = fastvit.VisionTransformer(**TINY).to(DEVICE).eval()

@@ -210,7 +210,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         check_same_dtype(q=q, k=k, v=v)
     else:
         q, k, v = (t.to(cast_to) for t in (q, k, v))
-    if not use_triton(q.device):
+    if not use_triton(q.device, q, k, v):
         with autocast_off(q.device):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     seed = _new_seed(q.device) if dropout_p > 0 else None
@@ -243,7 +243,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, scale: Optional[float] = No
     cast_to = autocast_dtype(qkv.device)
     if cast_to is not None:
         qkv = qkv.to(cast_to)
-    if not use_triton(qkv.device):
+    if not use_triton(qkv.device, qkv):
         B, N, C = qkv.shape
         with autocast_off(qkv.device):
             q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)

@@ -100,7 +100,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     cast_to = autocast_dtype(x.device)
     if cast_to is None:
         check_same_dtype(x=x, weight=weight, bias=bias)
-    if not use_triton(x.device):
+    if not use_triton(x.device, x, weight, bias):
         with autocast_off(x.device):
             if cast_to is not None:
                 x, weight, bias = (t.float() if t is not None else None for t in (x, weight, bias))

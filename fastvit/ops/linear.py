@@ -141,6 +141,9 @@ def _backward(ctx, dy, _dpreact, _dmean, _drstd, _dstats):
     needs = [need[0], need[1], need[2] and has_bias, need[4] and has_scale, need[5] and has_ln_weight,
              need[6] and has_ln_bias]
     grads = [None] * 6
+    needs_preact = (ctx.activation != "none" and any(needs[:4])) or needs[3]
+    if needs_preact and preact.numel() == 0 and x.numel() > 0:
+        raise_not_saved("linear")
     if any(needs):
         grads = _linear_bwd(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean, rstd, seed, sample_scale,
                             ctx.activation, ctx.dropout_p, ctx.has_ln, needs)
@@ -151,6 +154,14 @@ def _backward(ctx, dy, _dpreact, _dmean, _drstd, _dstats):
 
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def raise_not_saved(op: str):
+    """The forward decided from torch.is_grad_enabled() and requires_grad to save no pre-activation; a graph
+    traced or exported that way (under no_grad, or with nothing requiring a gradient) cannot be trained."""
+    raise RuntimeError(f"fastvit.ops.{op}: this forward saved nothing for a backward (it ran, or was traced / "
+                       f"exported, under torch.no_grad() or with no input requiring a gradient); trace or export "
+                       f"it with gradients enabled to train through it")  # fmt: skip
 
 
 def _validate(x, weight, bias, activation, residual, layer_scale, dropout_p, *, ln=None, names=("x", "weight", "bias")):
@@ -263,7 +274,7 @@ def _fused(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, x_
     elif cast_to is not None:
         ln = (*_cast(torch.float32, *ln[:2]), ln[2])
     dropout_p = float(dropout_p)
-    if not use_triton(x.device):
+    if not use_triton(x.device, x, weight, bias, residual, layer_scale, sample_scale, *(ln or ())[:2]):
         with autocast_off(x.device):
             y = _torch_path(x, weight, bias, activation, residual, layer_scale, dropout_p, ln, cast_to is not None,
                             sample_scale)  # fmt: skip

@@ -32,7 +32,7 @@ from fastvit.backend import use_triton
 
 from ._common import check_bool, check_probability, contiguous_vector, or_empty, rows_view
 from .linear import (_cast, _check_sample_scale, _check_x_stats, _dropout_seed, _needs_grad, _out_dtype,
-                     _validate, fake_grads, layer_norm_linear, linear, unflatten)  # fmt: skip
+                     _validate, fake_grads, layer_norm_linear, linear, raise_not_saved, unflatten)  # fmt: skip
 
 
 @torch.library.custom_op("fastvit::mlp_fwd", mutates_args=())
@@ -139,6 +139,10 @@ def _backward(ctx, dy, *_):
     needs = [need[0], need[1] and has_ln_weight, need[2] and has_ln_bias, need[3], need[4] and has_fc1_bias, need[5],
              need[6] and has_fc2_bias, need[8] and has_scale]  # fmt: skip
     grads = [None] * 8
+    x, z, fc2_preact = saved[0], saved[2], saved[5]
+    needs_z, needs_fc2_preact = ctx.activation != "none" and any(needs[:5]), needs[7]
+    if x.numel() and ((needs_z and z.numel() == 0) or (needs_fc2_preact and fc2_preact.numel() == 0)):
+        raise_not_saved("layer_norm_mlp")
     if any(needs):
         grads = _mlp_bwd(dy, *saved, ctx.activation, ctx.hidden_dropout_p, ctx.dropout_p, needs)
         grads = [g if n else None for g, n in zip(grads, needs)]
@@ -182,7 +186,8 @@ def layer_norm_mlp(
         _check_x_stats(x_stats, x)
     sample_scale = _check_sample_scale(sample_scale, x)
     dropout_p, hidden_dropout_p = float(dropout_p), float(hidden_dropout_p)
-    if not use_triton(x.device):
+    if not use_triton(x.device, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                      layer_scale, sample_scale):
         h = layer_norm_linear(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps, activation, hidden_dropout_p)
         return linear(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, dropout_p=dropout_p,
                       return_stats=return_stats, sample_scale=sample_scale)  # fmt: skip

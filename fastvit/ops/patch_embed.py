@@ -85,13 +85,15 @@ def _backward(ctx, dtokens):
     need_images, need_weight, need_bias, need_pos, need_cls, need_reg = ctx.needs_input_grad[:6]
     dimages, dweight, dsum = _patch_embed_bwd(dtokens, images, weight, prefix, need_images, need_weight)
     has_cls = cls_dtype is not None
+    # pos_embed's gradient may be dsum itself; the class and register tokens' are copies of its rows: views
+    # would become .grad tensors sharing memory, so accumulating, clipping or unscaling one changes the others
     grads = (
         dimages if need_images else None,
         dweight if need_weight else None,
         dsum[prefix:].sum(0).to(bias_dtype) if need_bias else None,
         (dsum[prefix:] if ctx.no_embed_class else dsum)[None].to(pos_dtype) if need_pos else None,
-        dsum[None, :1].to(cls_dtype) if need_cls else None,
-        dsum[None, int(has_cls):prefix].to(reg_dtype) if need_reg else None,
+        dsum[None, :1].to(cls_dtype, copy=True) if need_cls else None,
+        dsum[None, int(has_cls):prefix].to(reg_dtype, copy=True) if need_reg else None,
     )
     return grads + (None, None)
 
@@ -189,7 +191,7 @@ def patch_embed(
     if cast_to is None:
         check_same_dtype(images=images, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token,
                          reg_tokens=reg_tokens)  # fmt: skip
-    if not use_triton(images.device):
+    if not use_triton(images.device, images, weight, bias, pos_embed, cls_token, reg_tokens):
         return _patch_embed_torch(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class)
     out_dtype = images.dtype
     if cast_to is not None:  # conv2d's autocast cast (images: inside the kernel), then timm's promotion
