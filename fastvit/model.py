@@ -22,8 +22,8 @@ import torch.utils.checkpoint
 from fastvit import ops
 from fastvit.layers import (Block, PatchEmbed, block_forward, fusable_stem, gelu_name, has_hooks, known_forwards,
                             plain, to_pair)  # fmt: skip
-from fastvit.ops.patch_embed import add_prefix_and_position
 from fastvit.ops._common import check_int, check_positive, check_probability
+from fastvit.ops.patch_embed import add_prefix_and_position
 
 POOLS = ("", "token", "avg", "max", "avgmax")
 
