@@ -210,10 +210,11 @@ def _global_hooks() -> bool:
 
 def plain(module: nn.Module, kind: str) -> bool:
     """Whether the fused ops may read `module`'s parameters instead of calling it: it runs the forward of
-    a class of `kind` (its own class's: not a subclass overriding forward, a wrapper or an instance-level
-    forward) and has no hooks of its own."""
-    forward = getattr(type(module), "forward", None)
-    return (forward in (_KNOWN_FORWARDS or known_forwards())[kind] and "forward" not in module.__dict__
+    a class of `kind` (its own class's: not a subclass overriding forward or __call__, a wrapper or an
+    instance-level forward) and has no hooks of its own."""
+    cls = type(module)
+    return (getattr(cls, "forward", None) in (_KNOWN_FORWARDS or known_forwards())[kind]
+            and cls.__call__ is nn.Module.__call__ and "forward" not in module.__dict__
             and not _own_hooks(module))  # fmt: skip
 
 

@@ -267,6 +267,25 @@ def test_deferred_init_on_the_meta_device():
     assert model.pos_embed.is_meta and model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
 
 
+def test_plain_means_a_known_forward_and_no_hooks():
+    from fastvit.layers import plain
+
+    class Called(torch.nn.Linear):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    class Forwarded(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hooked, instance = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    hooked.register_forward_pre_hook(lambda *args: None)
+    instance.forward = lambda x: x
+    assert plain(torch.nn.Linear(2, 2), "linear") and plain(type("Same", (torch.nn.Linear,), {})(2, 2), "linear")
+    for module in (Called(2, 2), Forwarded(2, 2), hooked, instance, torch.nn.LayerNorm(2)):
+        assert not plain(module, "linear"), module
+
+
 def test_standard_blocks_stay_fused():
     """The checks that route modified blocks to their modules leave a standard model on the fused ops."""
     model = fastvit.VisionTransformer(**TINY).to(DEVICE).eval()
