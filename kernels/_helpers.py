@@ -15,9 +15,15 @@ import triton
 POISON_OUTPUTS = False
 
 
+# Triton decides at @triton.jit time whether a kernel is interpreted, and fastvit's kernels are decorated
+# right after this module is imported: the setting that counts is the one seen now, not a later change.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_interpreter() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels run through Triton's CPU interpreter: TRITON_INTERPRET=1 was set when fastvit's
+    kernels were imported (setting it afterwards changes nothing; the backend then keeps to torch on CPU)."""
+    return _INTERPRETED
 
 
 def _fix_interpreter_bf16_dot():

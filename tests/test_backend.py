@@ -61,3 +61,18 @@ def test_auto_falls_back_to_torch_without_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "ok"
+
+
+def test_interpreter_switched_on_after_import_changes_nothing():
+    """The kernels were decorated without the interpreter: 'auto' keeps to torch on CPU instead of calling
+    compiled kernels outside a launch."""
+    code = (
+        "import os, torch, fastvit\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "x = torch.randn(2, 8)\n"
+        "assert torch.allclose(fastvit.ops.layer_norm(x, None, None, 1e-6), torch.nn.functional.layer_norm(x, (8,), eps=1e-6))\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
