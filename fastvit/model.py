@@ -299,12 +299,13 @@ class VisionTransformer(nn.Module):
         if not self.dynamic_img_size and (H, W) != self.patch_embed.img_size:  # checked before padding, as timm
             raise ValueError(f"x: image size {(H, W)} does not match the model's img_size "
                              f"{self.patch_embed.img_size} (build with dynamic_img_size=True to allow any size)")  # fmt: skip
+        grid = patch_grid(self.patch_embed, (H, W))
         if self.patch_embed.dynamic_img_pad and (H % P or W % P):
             x = F.pad(x, (0, -W % P, 0, -H % P))  # timm pads right and bottom with zeros
             H, W = x.shape[-2:]
         if H < P or W < P:
             raise ValueError(f"x: image size {(H, W)} is smaller than one {P}x{P} patch")
-        pos_embed = self._pos_embed_for((H // P, W // P))
+        pos_embed = self._pos_embed_for(grid)
         if fusable_stem(self.patch_embed):
             proj = self.patch_embed.proj
             x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed, self.cls_token, self.reg_token,
@@ -348,9 +349,8 @@ class VisionTransformer(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
         take, last = _take_indices(len(self.blocks), indices)
-        P, (H, W) = self.patch_embed.patch_size[0], x.shape[-2:]
-        x = self._embed(x)
-        grid = (-(-H // P), -(-W // P)) if self.patch_embed.dynamic_img_pad else (H // P, W // P)
+        images, x = x, self._embed(x)
+        grid = patch_grid(self.patch_embed, images.shape[-2:])
         x_stats, intermediates = None, []
         for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
             x, x_stats = self._block(block, x, x_stats)
@@ -435,6 +435,13 @@ class VisionTransformer(nn.Module):
             final_norm = self.norm if plain(self.norm, "norm") else self.fc_norm
             return self._head(x[:, 0], final_norm, x_stats=None if x_stats is None else x_stats[..., 0])
         return self.forward_head(self._norm(x, self.norm))
+
+
+def patch_grid(patch_embed: nn.Module, image_size) -> Tuple[int, int]:
+    """The (rows, columns) of patches an image of `image_size` (H, W) makes: rounded up when the stem pads
+    (dynamic_img_pad), else down."""
+    P, (H, W) = patch_embed.patch_size[0], image_size
+    return (-(-H // P), -(-W // P)) if patch_embed.dynamic_img_pad else (H // P, W // P)
 
 
 def _take_indices(num_blocks: int, indices):

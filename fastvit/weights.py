@@ -473,8 +473,7 @@ def patch_timm(timm_model: nn.Module) -> nn.Module:
     forward_intermediates, take timm's own path. Calling it twice is harmless. A feature the fused path
     lacks (qk_norm, RmsNorm, a non-GELU activation, ...) raises NotImplementedError naming it.
     """
-    fused_block, fused_model = _fused_timm_classes()
-    _fused_layers().known_forwards()  # filled before any torch.compile trace of the patched model
+    fused_block, fused_model = _fused_timm_classes()  # (which also fills layers.known_forwards before any trace)
     if type(timm_model) is fused_model:
         return timm_model
     _raise_unsupported(timm_model, whole_model=False)

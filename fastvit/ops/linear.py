@@ -123,6 +123,7 @@ def fake_grads(like, needs, x):
     input in `like` (as the kernels write them, whatever the input's strides), the rest empty."""
     return tuple(t.new_empty(t.shape) if need and t is not None else x.new_empty((0,)) for t, need in zip(like, needs))
 
+
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, residual, layer_scale, ln_weight, ln_bias, seed, _, sample_scale, activation, dropout_p, _,
      has_ln) = inputs[:14]
@@ -309,8 +310,8 @@ def linear(
     erf) or "gelu_tanh"; dropout_p in [0, 1), applied when > 0; sample_scale (x.shape[0],), any float
     dtype (read as fp32), no gradient: a factor per sample (leading dim) on the branch before the residual
     add, i.e. stochastic depth's keep / (1 - p), fused so the residual add and the statistics stay in the
-    epilogue. Returns y (..., N):
-    in x's dtype, or under autocast promote_types(autocast dtype, residual dtype) (see the module docstring).
+    epilogue. Returns y (..., N): in x's dtype, or under autocast promote_types(autocast dtype, residual
+    dtype) (see the module docstring).
 
     return_stats=True returns (y, y_stats): LayerNorm row statistics of y taken in the epilogue, for a
     following layer_norm_linear(y, ..., x_stats=y_stats) to skip its statistics pass (None when the torch
