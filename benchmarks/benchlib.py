@@ -56,6 +56,15 @@ def environment():
     }  # fmt: skip
 
 
+def tuning_record():
+    """Every tile config the kernels' tuners measured and picked in this process (GEMMs: each
+    candidate's time and the pre-tuned default's; attention, patch embed: triton.autotune's picks), so
+    one GPU run also says which defaults to change. Empty without a GPU."""
+    from fastvit.kernels import attention, linear, patch_embed
+
+    return linear.tuning_record() + attention.tuning_record() + patch_embed.tuning_record()
+
+
 def _event_median_ms(fn, reps):
     """Median milliseconds of fn() over `reps` runs, timed with CUDA events after one warm-up run."""
     fn()

@@ -24,7 +24,8 @@ CI runs it. Nothing it times is performance: no results file is written unless -
 and that one names the rehearsal as its device.
 
 Results: the pytest-benchmark JSON goes to benchmarks/results/bench-<device>.json unless
---benchmark-json is given, with a "fastvit" section (environment, peaks, launch / byte counts);
+--benchmark-json is given, with a "fastvit" section (environment, peaks, launch / byte counts, and the
+tile configs the kernels' tuners measured and picked: benchlib.tuning_record);
 `python benchmarks/report.py` renders a markdown table and a PNG plot from it.
 """
 import json
@@ -108,7 +109,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["fastvit"] = {"environment": benchlib.environment(), "peaks": _state["peaks"] or None,
-                              "counts": benchlib.COUNTS}  # fmt: skip
+                              "counts": benchlib.COUNTS, "tuning": benchlib.tuning_record()}  # fmt: skip
 
 
 def pytest_sessionfinish(session):

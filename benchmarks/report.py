@@ -4,9 +4,10 @@
 
 With no files it reads benchmarks/results/bench-*.json and counts-*.json. The markdown has one table per
 benchmark group (providers side by side: median time, TFLOP/s, GB/s, % of the measured peaks, images/s,
-MFU), the issues' performance targets met or missed, and the launch / byte counts; the plot shows images/s
-against batch size per provider, one panel per model and mode. --short prints a compact
-one-line-per-result table and the targets (used by gpu_check.sh).
+MFU), the issues' performance targets met or missed, the tile configs the kernels' tuners picked and the
+launch / byte counts; the plot shows images/s against batch size per provider, one panel per model and
+mode. --short prints a compact one-line-per-result table, the targets and the GEMMs whose pre-tuned default
+tile is slower than the tuner's pick (used by gpu_check.sh).
 """
 import argparse
 import json
@@ -17,16 +18,17 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def load(paths):
-    """(benchmarks, counts, environment, peaks) merged from pytest-benchmark and counts JSON files."""
-    benchmarks, counts, environment, peaks = [], [], {}, None
+    """(benchmarks, counts, environment, peaks, tuning) merged from pytest-benchmark and counts JSON files."""
+    benchmarks, counts, environment, peaks, tuning = [], [], {}, None, []
     for path in paths:
         data = json.loads(Path(path).read_text())
         section = data.get("fastvit", data)
         environment = section.get("environment") or environment
         peaks = section.get("peaks") or peaks
         counts += [c for c in section.get("counts", []) if c not in counts]
+        tuning += section.get("tuning", [])
         benchmarks += data.get("benchmarks", [])
-    return benchmarks, counts, environment, peaks
+    return benchmarks, counts, environment, peaks, tuning
 
 
 def _fmt(value, digits=1):
@@ -46,7 +48,7 @@ def rows(benchmarks):
         }  # fmt: skip
 
 
-def markdown(benchmarks, counts, environment, peaks):
+def markdown(benchmarks, counts, environment, peaks, tuning=()):
     lines = []
     if environment:
         lines.append(f"Measured {environment.get('date', '?')} on {environment.get('device', '?')}, torch "
@@ -67,6 +69,8 @@ def markdown(benchmarks, counts, environment, peaks):
                 f"{_fmt(r['pct_peak_tflops'])} | {_fmt(r['pct_peak_gbps'])} | {_fmt(r['images_per_s'], 0)} | {_fmt(mfu)}{'%' if mfu else ''} |"
             )
     lines += ["", "**The issues' targets**", "", "```", targets(benchmarks), "```"]
+    if tuning:
+        lines += ["", "**Tile configs the tuners picked in this run**", "", "```", *tuning_lines(tuning), "```"]
     if counts:
         lines += ["", "**Kernel launches and modelled HBM bytes per call (counted on CPU)**", "",
                   "| case | provider | launches | GB moved | kernels |", "|---|---|---:|---:|---|"]  # fmt: skip
@@ -129,6 +133,34 @@ def targets(benchmarks):
     return "\n".join(lines)
 
 
+def _tile(tile):
+    split = tile.get("SPLIT_K", 1)
+    return (f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} group {tile['GROUP_M']} warps {tile['num_warps']} "
+            f"stages {tile['num_stages']}{f' split-K {split}' if split > 1 else ''}")  # fmt: skip
+
+
+def tuning_lines(tuning, slower_than=1.0):
+    """One line per tuned kernel key. A GEMM's line has its pick and time, and the pre-tuned default's
+    (what CUDA-graph capture and FASTVIT_AUTOTUNE=0 run) as a slowdown factor: where that exceeds
+    `slower_than`, the default should change (only such GEMMs are listed when slower_than > 1).
+    triton.autotune's picks (attention, patch embed) follow, unless slower_than > 1."""
+    lines = []
+    for row in tuning:
+        if row["kernel"] != "linear":
+            if slower_than <= 1.0:
+                lines.append(f"{row['kernel']} key {' '.join(row['key'])}: {row['config']}")
+            continue
+        best = min((c["ms"] for c in row["candidates"]), default=None)
+        slowdown = row["default_ms"] / best if best and row["default_ms"] is not None else None
+        if slower_than > 1.0 and (slowdown is None or slowdown <= slower_than):
+            continue
+        flags = " ".join(k if v == "True" else f"{k}={v}" for k, v in row["flags"].items())
+        default = "not timed" if slowdown is None else f"{row['default_ms']:.3f} ms ({slowdown:.2f}x the pick)"
+        lines.append(f"GEMM M<={row['M_bucket']} N={row['N']} K={row['K']} {'/'.join(row['dtypes'])} [{flags}]: "
+                     f"picked {_tile(row['picked'])}, {_fmt(best, 3)} ms; default {_tile(row['default'])}, {default}")  # fmt: skip
+    return lines
+
+
 def plot(benchmarks, path):
     """images/s against batch size, one line per provider, one panel per (model, mode)."""
     import matplotlib
@@ -165,12 +197,15 @@ def main(argv=None):
     files = args.files or sorted(RESULTS.glob("bench-*.json")) + sorted(RESULTS.glob("counts-*.json"))
     if not files:
         parser.error(f"no result files given and none in {RESULTS}")
-    benchmarks, counts, environment, peaks = load(files)
+    benchmarks, counts, environment, peaks, tuning = load(files)
     if args.short:
         print(short(benchmarks) or "no timed results")
         print("\nThe issues' targets (measured in this run):\n" + targets(benchmarks))
+        slow = tuning_lines(tuning, slower_than=1.05)
+        if slow:
+            print("\nGEMMs whose pre-tuned default tile is > 5% slower than the tuner's pick:\n" + "\n".join(slow))
         return 0
-    text = markdown(benchmarks, counts, environment, peaks)
+    text = markdown(benchmarks, counts, environment, peaks, tuning)
     if args.markdown:
         Path(args.markdown).write_text(text)
     else:

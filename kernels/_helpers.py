@@ -92,6 +92,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def autotune_picks(name: str, kernel) -> list:
+    """The configs a triton.autotune-wrapped kernel picked in this process, one row per autotune key
+    ({"kernel": name, "key": [...], "config": {...}}), for the benchmarks' tuning record; [] for a
+    kernel that is not autotuned (the interpreter's) or has not run."""
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        return []
+    return [
+        {"kernel": name, "key": [str(part) for part in key],
+         "config": dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)}
+        for key, config in kernel.cache.items()
+    ]  # fmt: skip
+
+
 TORCH_TO_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 

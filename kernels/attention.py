@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import device_context, dot_precision, is_interpreter, new_output
+from ._helpers import autotune_picks, device_context, dot_precision, is_interpreter, new_output
 
 MAX_HEAD_DIM = 256
 LOG2E = math.log2(math.e)
@@ -579,6 +579,13 @@ def _tuned(kernel, table):
 _KERNEL_FUNCTIONS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
 _TUNED = {arch: {name: _tuned(_KERNEL_FUNCTIONS[name], table) for name, table in tables.items()}
           for arch, tables in _ARCH_TABLES.items()}  # fmt: skip
+
+
+def tuning_record() -> list:
+    """The tiles triton.autotune picked in this process for each attention kernel, arch and key
+    (kernels/_helpers.autotune_picks); empty under the interpreter."""
+    return [row for arch, kernels in _TUNED.items() for name, kernel in kernels.items()
+            for row in autotune_picks(f"attention {name} sm_{arch}", kernel)]  # fmt: skip
 
 
 def _arch(device) -> int:

@@ -449,7 +449,8 @@ _CANDIDATES_16 = [dict(zip(_TILE_KEYS, t)) for t in (
 _CANDIDATES_32 = [dict(zip(_TILE_KEYS, t)) for t in (
     (128, 128, 32, 8, 8, 3), (128, 64, 32, 8, 4, 3), (64, 128, 32, 8, 4, 3), (64, 64, 32, 8, 4, 3),
 )]
-_tuned = {}
+_tuned = {}  # tile pick key -> the tile measured fastest
+_measured = {}  # tile pick key -> (the pre-tuned default, [(ms, tile) for every candidate timed])
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -538,7 +539,27 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split) -> dict:
             except triton.runtime.errors.OutOfResources:
                 continue
     _tuned[key] = min(timings)[2] if timings else default
+    _measured[key] = default, [(ms, tile) for ms, _, tile in timings]
     return _tuned[key]
+
+
+def tuning_record() -> list:
+    """What the CUDA tile pick measured in this process, one row per GEMM key: the fusion flags that were
+    on, the dtypes (out, A, B), the bucketed M, N, K, every candidate's time in ms, the pick, and the
+    pre-tuned default (what runs under CUDA-graph capture or FASTVIT_AUTOTUNE=0) with its time when it
+    was among the candidates. Empty under the interpreter, which measures nothing."""
+    record = []
+    for key, (default, timings) in _measured.items():
+        flags, out_dtype, a_dtype, b_dtype, M, N, K = key
+        on = {name: str(value) for name, value in flags if value not in (False, "none")}
+        default_ms = [ms for ms, tile in timings if tile == default]
+        record.append({
+            "kernel": "linear", "flags": on, "dtypes": [str(out_dtype), str(a_dtype), str(b_dtype)],
+            "M_bucket": M, "N": N, "K": K, "picked": _tuned[key], "default": default,
+            "default_ms": default_ms[0] if default_ms else None,
+            "candidates": [{"ms": ms, "tile": tile} for ms, tile in timings],
+        })  # fmt: skip
+    return record
 
 
 def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, preact=None,

@@ -47,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, new_output
+from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, autotune_picks, device_context, dot_precision, is_interpreter,
+                       new_output)
 
 # What a GEMM dimension counts, which fixes how its index splits into digits (see _offsets).
 PATCH = tl.constexpr(0)  # index = (b * GH + ph) * GW + pw
@@ -263,6 +264,12 @@ _CUDA_CONFIGS = {
 _AUTOTUNE_KEY = ["M", "N", "K", "KIND_A_M", "KIND_A_K", "KIND_B_K", "KIND_B_N", "KIND_C_M", "KIND_C_N", "P",
                  "PREFIX", "DOT_DTYPE"]  # fmt: skip
 _AUTOTUNED = {table: triton.autotune(configs, key=_AUTOTUNE_KEY)(_patch_embed_kernel) for table, configs in _CUDA_CONFIGS.items()}
+
+
+def tuning_record() -> list:
+    """The tiles triton.autotune picked in this process per candidate table and key
+    (kernels/_helpers.autotune_picks); empty under the interpreter."""
+    return [row for table, kernel in _AUTOTUNED.items() for row in autotune_picks(f"patch_embed {table}", kernel)]
 
 
 def _patch_dim(stride_b, stride_ph, stride_pw, grid):

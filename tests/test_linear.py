@@ -6,6 +6,8 @@ flash rule: our error <= 2 x the error of the same computation in eager PyTorch 
 GEMM has ragged M, N and K tails (the interpreter tile is 128 x 128 x 64) and the 397-row cases run two
 program groups; the biggest shapes run once, in bf16, because interpreter time scales with tiles.
 """
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -478,13 +480,14 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     """The CUDA-only tile pick, run on CPU with the device queries faked: for ViT-B proj's dW (768 x 768 out,
     50432-row reduction) on 132 SMs every candidate is also timed with K split (about one wave), the
     fastest (here: a fake timer favouring more programs) wins and is cached; GEMMs that cannot split and
-    FASTVIT_AUTOTUNE=0 never split."""
+    FASTVIT_AUTOTUNE=0 never split. tuning_record() reports every candidate's time, the pick and the default."""
     import types
 
     from fastvit.kernels import linear as linear_kernels
 
     monkeypatch.setattr(linear_kernels, "is_interpreter", lambda: False)
     monkeypatch.setattr(linear_kernels, "_tuned", {})
+    monkeypatch.setattr(linear_kernels, "_measured", {})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -498,13 +501,22 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False,
                  HAS_SAMPLE_SCALE=False, PREACT_GRAD="none", PREACT_DROPOUT=False, DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
-    key = (tuple(flags.items()), "proj dW")
+    key = (tuple(flags.items()), torch.bfloat16, torch.bfloat16, torch.bfloat16, 1024, 768, 50432)  # proj's dW
     picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, True)
     splits = {t["SPLIT_K"] for t in tried}
     assert 1 in splits and max(splits) > 1 and picked["SPLIT_K"] == max(splits), tried
     tiles = triton.cdiv(768, picked["BLOCK_M"]) * triton.cdiv(768, picked["BLOCK_N"])
     assert tiles * picked["SPLIT_K"] <= 132, picked
     assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, True) is picked  # cached
+    [row] = linear_kernels.tuning_record()
+    assert row["flags"] == {"GRAD_A": "True", "TRANS_A": "True", "DOT_DTYPE": "bf16"}, row["flags"]
+    assert (row["M_bucket"], row["N"], row["K"], row["picked"]) == (1024, 768, 50432, picked)
+    assert [c["tile"] for c in row["candidates"]] == tried
+    default = row["default"]
+    assert default in tried
+    assert row["default_ms"] == 1.0 / (triton.cdiv(768, default["BLOCK_M"]) * triton.cdiv(768, default["BLOCK_N"])
+                                       * default["SPLIT_K"])  # fmt: skip
+    json.dumps(row)  # goes into the benchmarks' JSON
 
     monkeypatch.setattr(linear_kernels, "_tuned", {})
     tried.clear()

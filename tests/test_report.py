@@ -63,3 +63,50 @@ def test_command_line_renders_markdown_plot_and_short_table(report, tmp_path, ca
     assert report.main([str(path), "--short"]) == 0
     out = capsys.readouterr().out
     assert "25,600 img/s" in out and "ViT-B/16 b256 inference MFU" in out
+
+
+def gemm_tuning(default_ms, best_ms):
+    tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_K=1)
+    best = dict(tile, BLOCK_N=256)
+    return {"kernel": "linear", "flags": {"LN_A": "True", "ACTIVATION": "gelu"}, "dtypes": ["bf16"] * 3,
+            "M_bucket": 65536, "N": 3072, "K": 768, "picked": best, "default": tile, "default_ms": default_ms,
+            "candidates": [{"ms": default_ms, "tile": tile}, {"ms": best_ms, "tile": best}]}  # fmt: skip
+
+
+def test_tuning_lines_show_picks_and_slow_defaults(report):
+    attention = {"kernel": "attention fwd sm_90", "key": ["197", "197", "64", "torch.bfloat16"],
+                 "config": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}}  # fmt: skip
+    tuning = [gemm_tuning(1.2, 1.0), gemm_tuning(1.02, 1.0), attention]
+    lines = report.tuning_lines(tuning)
+    assert len(lines) == 3 and lines[2].startswith("attention fwd sm_90 key 197 197 64")
+    assert lines[0] == ("GEMM M<=65536 N=3072 K=768 bf16/bf16/bf16 [LN_A ACTIVATION=gelu]: picked 128x256x64 group 8 "
+                        "warps 8 stages 3, 1.000 ms; default 128x128x64 group 8 warps 8 stages 3, 1.200 ms (1.20x the pick)")  # fmt: skip
+    assert report.tuning_lines(tuning, slower_than=1.05) == lines[:1]  # only the default worth changing
+
+
+def test_tuning_record_reaches_markdown_and_short_table(report, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [model("inference", "fastvit", 10.0)],
+                                "fastvit": {"counts": [], "tuning": [gemm_tuning(1.5, 1.0)]}}))  # fmt: skip
+    assert report.main([str(path), "--markdown", str(tmp_path / "r.md")]) == 0
+    assert "Tile configs the tuners picked" in (tmp_path / "r.md").read_text()
+    assert report.main([str(path), "--short"]) == 0
+    assert "(1.50x the pick)" in capsys.readouterr().out
+
+
+def test_autotune_picks_reads_what_triton_autotune_cached():
+    """kernels/_helpers.autotune_picks on a real triton.autotune wrapper (its cache filled as a GPU run
+    would: the interpreter cannot benchmark); an un-autotuned kernel has no picks."""
+    import triton
+
+    from fastvit.kernels import attention, linear, patch_embed
+    from fastvit.kernels._helpers import autotune_picks
+
+    configs = [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2), triton.Config({"BLOCK_M": 32}, num_warps=8)]
+    tuned = triton.autotune(configs, key=["N"])(patch_embed._patch_embed_kernel)
+    tuned.cache[(197, "torch.bfloat16")] = configs[1]
+    assert autotune_picks("k", tuned) == [{"kernel": "k", "key": ["197", "torch.bfloat16"],
+                                           "config": {"BLOCK_M": 32, "num_warps": 8, "num_stages": configs[1].num_stages}}]  # fmt: skip
+    assert autotune_picks("k", patch_embed._patch_embed_kernel) == []
+    # under the interpreter nothing is measured: the records the benchmarks store are empty, not an error
+    assert attention.tuning_record() == [] and linear.tuning_record() == [] and patch_embed.tuning_record() == []
