@@ -543,7 +543,7 @@ def _raise_unsupported(model: nn.Module, whole_model: bool) -> None:
     whole_model: also check what only from_timm rebuilds (attention pooling, one LayerNorm eps, the
     DropPath flavour); patch_timm leaves those modules to timm.
     """
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import Block, VisionTransformer
 
     if type(model) is not VisionTransformer:
         raise NotImplementedError(f"model: expected timm's VisionTransformer, got {type(model).__name__}")
@@ -566,10 +566,9 @@ def _raise_unsupported(model: nn.Module, whole_model: bool) -> None:
         if model.attn_pool is not None:
             problems[f"global_pool={model.global_pool!r} (attention pooling)"] = "attn_pool"
     for i, block in enumerate(model.blocks):
-        block_problems = _block_problems(block, whole_model)
-        for feature in block_problems:
+        for feature in _block_problems(block, whole_model):
             problems.setdefault(feature, f"blocks.{i}")
-        if not block_problems or not block_problems[0].startswith("block_fn="):  # a timm Block: check its norms
+        if type(block) is Block:  # (another block class is reported whole, above)
             norms.update({f"blocks.{i}.norm1": block.norm1, f"blocks.{i}.norm2": block.norm2})
     for where, norm in norms.items():
         if not isinstance(norm, nn.Identity) and not _is_layer_norm(norm):
