@@ -58,6 +58,14 @@ if is_interpreter():
     _fix_interpreter_bf16_dot()
 
 
+def may_measure() -> bool:
+    """Whether a CUDA launcher may time candidate tile configs now (autotuning): not while a CUDA graph is
+    being captured (timing synchronises the device, which capture forbids) and not with FASTVIT_AUTOTUNE=0;
+    the launchers then run their pre-tuned default (or, for the GEMMs, a pick measured earlier). Only for
+    CUDA launches: the interpreter never measures."""
+    return os.environ.get("FASTVIT_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
+
+
 def can_run_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of `device`: compiled on CUDA, interpreted on CPU."""
     if device.type == "cuda":

@@ -81,13 +81,14 @@ LayerNorm prologue; with one, x needs a unit column stride (the statistics pass 
 read whole rows), as do the residual and the saved z; outputs are contiguous; offsets are int64. The ops
 in fastvit/ops hand over rows with a unit column stride (rows_view copies any other).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
-from ._helpers import TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, new_output
+from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, may_measure,
+                       new_output)
 from .layer_norm import _config as layer_norm_config
 from .layer_norm import layer_norm_backward
 
@@ -529,14 +530,14 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split) -> dict:
         return [dict(tile, SPLIT_K=split)] + ([dict(tile, SPLIT_K=1)] if split > 1 else [])
 
     default = with_splits(_default_tile(M, N, dot_dtype))[0]
-    if os.environ.get("FASTVIT_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+    if not may_measure():
         return default
     timings = []
     for candidate in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
         for tile in with_splits(candidate):
             try:
                 timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
-            except triton.runtime.errors.OutOfResources:
+            except (OutOfResources, PTXASError, CompileTimeAssertionFailure):  # skipped, as triton.autotune does
                 continue
     _tuned[key] = min(timings)[2] if timings else default
     _measured[key] = default, [(ms, tile) for ms, _, tile in timings]
@@ -591,7 +592,8 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
 
     def launch(tile):
         tile = dict(tile)
-        split = tile.pop("SPLIT_K", 1) if can_split else 1
+        split = tile.pop("SPLIT_K", 1)  # (popped always: the kernel has no such argument)
+        split = split if can_split else 1  # a split would cut the forward / dx GEMMs' epilogues
         k_per_split = triton.cdiv(triton.cdiv(K, split), tile["BLOCK_K"]) * tile["BLOCK_K"]
         splits = triton.cdiv(K, k_per_split)
         # split-K: each slice of the reduction writes fp32 partials, summed below in a fixed order

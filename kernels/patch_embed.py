@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, autotune_picks, device_context, dot_precision, is_interpreter,
-                       new_output)
+                       may_measure, new_output)
 
 # What a GEMM dimension counts, which fixes how its index splits into digits (see _offsets).
 PATCH = tl.constexpr(0)  # index = (b * GH + ph) * GW + pw
@@ -327,9 +327,9 @@ class _Launch:
         return "16-bit gathered" if self.gathered else "16-bit"
 
     def run(self):
-        device = self.args["C"].device
-        if is_interpreter() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            # no driver to time configs with (interpreter), or no timing allowed inside a CUDA-graph capture
+        if is_interpreter() or not may_measure():
+            # no driver to time configs with (interpreter), or no timing allowed (CUDA-graph capture,
+            # FASTVIT_AUTOTUNE=0): the fixed config / the pre-tuned default
             config = _INTERPRETER_CONFIG if is_interpreter() else self.candidates()[0]
             kernel, grid = _patch_embed_kernel, self.grid(config.kwargs)
             tile = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -488,6 +488,7 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     monkeypatch.setattr(linear_kernels, "is_interpreter", lambda: False)
     monkeypatch.setattr(linear_kernels, "_tuned", {})
     monkeypatch.setattr(linear_kernels, "_measured", {})
+    monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)  # (gpu_check.sh runs the tests with it 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
