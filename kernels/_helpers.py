@@ -66,6 +66,13 @@ def may_measure() -> bool:
     return os.environ.get("FASTVIT_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
 
 
+def on_gpu(device: torch.device) -> bool:
+    """Whether launches on `device` run on a GPU, so tile and grid choices follow its architecture and SM
+    count (torch.cuda's queries); else they are the interpreter's. tests/fake_cuda.py makes it True for
+    the CPU tensors it drives down the CUDA path."""
+    return device.type == "cuda"
+
+
 def can_run_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of `device`: compiled on CUDA, interpreted on CPU."""
     if device.type == "cuda":

@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import autotune_picks, device_context, dot_precision, is_interpreter, may_measure, new_output
+from ._helpers import autotune_picks, device_context, dot_precision, is_interpreter, may_measure, new_output, on_gpu
 
 MAX_HEAD_DIM = 256
 LOG2E = math.log2(math.e)
@@ -591,7 +591,7 @@ def tuning_record() -> list:
 
 def _arch(device) -> int:
     """The _ARCH_TABLES key for a device: 90 for sm_90 and newer, 80 for Ampere / Ada; 90 under the interpreter."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+    if on_gpu(device) and torch.cuda.get_device_capability(device)[0] < 9:
         return 80
     return 90
 

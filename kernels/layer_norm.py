@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import device_context, new_output
+from ._helpers import device_context, new_output, on_gpu
 
 MAX_D = 8192
 
@@ -146,7 +146,7 @@ def _backward_grid(M: int, block_m: int, device: torch.device):
     """(num_programs, rows_per_program) for the backward: enough programs to fill the GPU a few times
     over, each owning a contiguous, BLOCK_M-aligned chunk of rows (few programs under the interpreter,
     where each program costs milliseconds)."""
-    if device.type == "cuda":
+    if on_gpu(device):
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8

@@ -88,7 +88,7 @@ from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, may_measure,
-                       new_output)
+                       new_output, on_gpu)
 from .layer_norm import _config as layer_norm_config
 from .layer_norm import layer_norm_backward
 
@@ -497,7 +497,7 @@ def _fit_to_fusions(tile: dict, flags: dict) -> dict:
 def _before_hopper(device) -> bool:
     """A CUDA device older than sm_90: there a LayerNorm-ed tile without its 2-D mask stays in the mma.sync
     operand layout and spills, so ZERO_PADS keeps the mask (wgmma on sm_90 gains from dropping it)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
+    return on_gpu(device) and torch.cuda.get_device_capability(device)[0] < 9
 
 
 def _split_k(tiles: int, K: int, block_k: int, num_sms: int) -> int:

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, autotune_picks, device_context, dot_precision, is_interpreter,
-                       may_measure, new_output)
+                       may_measure, new_output, on_gpu)
 
 # What a GEMM dimension counts, which fixes how its index splits into digits (see _offsets).
 PATCH = tl.constexpr(0)  # index = (b * GH + ph) * GW + pw
@@ -422,7 +422,7 @@ def patch_embed_forward(images, weight, bias, pos_embed, cls_token, reg_tokens, 
 def _dweight_split(D, KK, rows, device):
     """How many programs share each dW tile's reduction over the B*N patch rows: about two waves of
     programs on the GPU, each with >= 8 steps of 64 rows; two under the interpreter, so tests cover it."""
-    if device.type != "cuda":
+    if not on_gpu(device):
         return 2
     tiles = triton.cdiv(D, 128) * triton.cdiv(KK, 128)
     waves = 2 * torch.cuda.get_device_properties(device).multi_processor_count

@@ -4,11 +4,12 @@ specialisation, compiling for sm_90 with ptxas), with each kernel launch recorde
 
     python tests/fake_cuda.py     (TRITON_INTERPRET unset: the kernels must be JIT-compiled, not interpreted)
 
-What is faked, and nothing else: Triton's CUDA driver (a fake sm_90 device 0 with an H200's shared memory;
-loading a cubin checks its shared memory and marks it loaded; a launch checks the grid against CUDA's
-limits and is recorded), the benchmarker (runs the candidate twice, returns a made-up time), torch.cuda's
-device queries (132 SMs, capability 9.0, a capture flag the scenarios switch) and fastvit's check that
-the tensors' device can run Triton (the tensors stay on the CPU; no kernel ever runs). Results are
+What is faked, and nothing else: Triton's CUDA driver (device 0 an sm_90 GPU with an H200's shared
+memory, device 1 an sm_80 one with an A100's; loading a cubin checks its shared memory and marks it
+loaded; a launch checks the grid against CUDA's limits and is recorded), the benchmarker (runs the
+candidate twice, returns a made-up time), torch.cuda's device queries (132 SMs, the current device's
+capability, a capture flag the scenarios switch), and fastvit's device checks (kernels/_helpers.on_gpu,
+fastvit.backend.can_run_on: the tensors stay on the CPU; no kernel ever runs). Results are
 garbage; what is checked is that every launch goes through. The interpreter tests never reach this code:
 a launcher passing its split-K count to the kernel as a keyword would have failed every GEMM on a GPU,
 and only this showed it without one. tests/test_cuda_launch_path.py runs it (checked with triton 3.6 and
@@ -34,10 +35,12 @@ from triton.compiler import compiler  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-H200_SHARED_MEMORY = 232448  # bytes a block may opt into on sm_90
+DEVICES = {90: 0, 80: 1}  # arch -> fake device id (Triton caches compiled kernels per device)
+SHARED_MEMORY = {90: 232448, 80: 166912}  # bytes a block may opt into: H200, A100
 LAUNCHES = []  # (kernel name, grid, num_warps, num_stages, shared memory bytes)
 BENCH_CALLS = []
 CAPTURING = [False]
+ARCH = [90]
 
 
 def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
@@ -50,13 +53,13 @@ def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, ret
 
 
 class FakeCudaDriver(CudaDriver):
-    """Device 0 is an sm_90 GPU; nothing touches a CUDA library."""
+    """The current device is an ARCH GPU; nothing touches a CUDA library."""
 
     def __init__(self):
         pass
 
     def get_current_device(self):
-        return 0
+        return DEVICES[ARCH[0]]
 
     def set_current_device(self, device):
         pass
@@ -65,7 +68,7 @@ class FakeCudaDriver(CudaDriver):
         return 0
 
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", ARCH[0], 32)
 
     def get_active_torch_device(self):
         return torch.device("cpu")
@@ -80,8 +83,8 @@ class FakeCudaDriver(CudaDriver):
 def _load(self):
     """CompiledKernel._init_handles without a GPU: the shared-memory check a real load makes."""
     if self.module is None:
-        if self.metadata.shared > H200_SHARED_MEMORY:
-            raise OutOfResources(self.metadata.shared, H200_SHARED_MEMORY, "shared memory")
+        if self.metadata.shared > SHARED_MEMORY[self.metadata.target.arch]:
+            raise OutOfResources(self.metadata.shared, SHARED_MEMORY[self.metadata.target.arch], "shared memory")
         self.module = self.function = "not loaded: fake_cuda"
         self.n_regs, self.n_spills, self.n_max_threads = 0, 0, 1024
 
@@ -104,19 +107,22 @@ def install():
     compiler.CompiledKernel._init_handles = _load
     compiler.CompiledKernel.run = property(_launcher)
     triton.testing.do_bench = fake_do_bench
-    properties = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0, L2_cache_size=60 << 20,
-                                       name="fake sm_90")  # fmt: skip
-    torch.cuda.get_device_properties = lambda device=None: properties
-    torch.cuda.get_device_capability = lambda device=None: (9, 0)
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
+        multi_processor_count=132, major=ARCH[0] // 10, minor=0, L2_cache_size=60 << 20, name=f"fake sm_{ARCH[0]}")
+    torch.cuda.get_device_capability = lambda device=None: (ARCH[0] // 10, 0)
+    torch.cuda.current_device = lambda: DEVICES[ARCH[0]]
     torch.cuda.is_current_stream_capturing = lambda: CAPTURING[0]
     import fastvit.backend
+    import fastvit.kernels
 
     fastvit.backend.can_run_on = lambda device: True  # CPU tensors take the "CUDA" path
+    for module in list(sys.modules.values()):  # and pick GPU tiles and grids
+        if module.__name__.startswith("fastvit.kernels.") and hasattr(module, "on_gpu"):
+            module.on_gpu = lambda device: True
 
 
 def scenarios():
-    """name -> a callable; each runs in order, with the capture flag and FASTVIT_AUTOTUNE it sets."""
+    """(name, callable, arch, capturing, FASTVIT_AUTOTUNE), run in order."""
     import fastvit
     from fastvit.kernels import attention, linear, patch_embed
 
@@ -133,10 +139,14 @@ def scenarios():
                                needs=(False, True, True, False, False, False))  # fmt: skip
         return linear.tuning_record()
 
-    def attention_and_stem_autotuned():
+    def attention_autotuned():
         q, k, v = (torch.randn(2, 3, 197, 64, dtype=bf16) for _ in range(3))
         out, lse = attention.attention_forward(q, k, v, 0.125)
         attention.attention_backward(torch.randn_like(q), q, k, v, out, lse, 0.125)
+        return attention.tuning_record()
+
+    def attention_and_stem_autotuned():
+        attention_autotuned()
         images, weight = torch.randn(2, 3, 64, 64, dtype=bf16), torch.randn(96, 3, 16, 16, dtype=bf16)
         patch_embed.patch_embed_forward(images, weight, None, torch.randn(1, 17, 96, dtype=bf16),
                                         torch.randn(1, 1, 96, dtype=bf16), None, False, bf16)  # fmt: skip
@@ -162,21 +172,23 @@ def scenarios():
                                         None, torch.randn(1, 4, 96, dtype=bf16), None, None, False, bf16)  # fmt: skip
 
     regularised = dict(init_values=0.1, drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)
-    return [  # (name, fn, capturing, autotune)
-        ("GEMMs autotuned (LayerNorm prologue; split-K weight gradient)", gemms_autotuned, False, "1"),
-        ("attention and patch embed autotuned", attention_and_stem_autotuned, False, "1"),
-        ("model train step + eval, bf16, FASTVIT_AUTOTUNE=0", model_train_step(bf16), False, "0"),
+    return [
+        ("GEMMs autotuned (LayerNorm prologue; split-K weight gradient)", gemms_autotuned, 90, False, "1"),
+        ("attention and patch embed autotuned", attention_and_stem_autotuned, 90, False, "1"),
+        ("model train step + eval, bf16, FASTVIT_AUTOTUNE=0", model_train_step(bf16), 90, False, "0"),
         ("model train step + eval, fp32, dropout / drop path / layer scale, FASTVIT_AUTOTUNE=0",
-         model_train_step(torch.float32, **regularised), False, "0"),
-        ("CUDA-graph capture, untuned shapes", captured_new_shapes, True, "1"),
+         model_train_step(torch.float32, **regularised), 90, False, "0"),
+        ("CUDA-graph capture, untuned shapes", captured_new_shapes, 90, True, "1"),
+        ("sm_80: attention autotuned", attention_autotuned, 80, False, "1"),
+        ("sm_80: model train step + eval, bf16, FASTVIT_AUTOTUNE=0", model_train_step(bf16), 80, False, "0"),
     ]  # fmt: skip
 
 
 def main():
     install()
     report = []
-    for name, fn, capturing, autotune in scenarios():
-        CAPTURING[0] = capturing
+    for name, fn, arch, capturing, autotune in scenarios():
+        ARCH[0], CAPTURING[0] = arch, capturing
         os.environ["FASTVIT_AUTOTUNE"] = autotune
         launches, bench_calls, start = len(LAUNCHES), len(BENCH_CALLS), time.perf_counter()
         row = {"scenario": name}
@@ -186,7 +198,7 @@ def main():
         except Exception as error:  # reported, not raised: the other scenarios still run
             row["ok"] = False
             row["error"] = "".join(traceback.format_exception(error, limit=-6))
-        row.update(launches=LAUNCHES[launches:], bench_calls=len(BENCH_CALLS) - bench_calls,
+        row.update(arch=arch, launches=LAUNCHES[launches:], bench_calls=len(BENCH_CALLS) - bench_calls,
                    seconds=round(time.perf_counter() - start, 1))  # fmt: skip
         report.append(row)
     print(json.dumps(report, default=str))

@@ -1,6 +1,7 @@
 """The CUDA-only launch path, on a machine without a GPU: tests/fake_cuda.py runs the launchers with a
-fake sm_90 driver (real JIT compiles, launches recorded, not run). The interpreter tests never reach this
-code: tile picks and autotuning, split-K, the capture / FASTVIT_AUTOTUNE=0 defaults, and Triton's own
+fake sm_90 / sm_80 driver (real JIT compiles, launches recorded, not run). The interpreter tests never reach this
+code: tile picks and autotuning, split-K, the capture / FASTVIT_AUTOTUNE=0 defaults, Ampere's tables
+and LayerNorm-tile masks, GPU-sized grids, and Triton's own
 argument binding (a stray launch keyword would have failed every GEMM on a GPU, unseen by the rest).
 On a GPU machine the rest of the suite runs this path for real, so this test skips there."""
 import json
@@ -52,9 +53,10 @@ def test_triton_autotune_picks_attention_and_patch_embed_tiles(report):
                                                        "patch_embed 16-bit"}  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_model_step_with_pinned_defaults_measures_nothing(report, dtype):
-    [row] = [row for name, row in report.items() if name.startswith(f"model train step + eval, {dtype}")]
+@pytest.mark.parametrize("scenario", ["model train step + eval, bf16", "model train step + eval, fp32",
+                                      "sm_80: model train step + eval, bf16"])  # fmt: skip
+def test_model_step_with_pinned_defaults_measures_nothing(report, scenario):
+    [row] = [row for name, row in report.items() if name.startswith(scenario)]
     assert row["bench_calls"] == 0
     assert {"_patch_embed_kernel", "_linear_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
             "_layer_norm_bwd_kernel"} <= kernels(row)  # fmt: skip
@@ -64,3 +66,9 @@ def test_capture_runs_defaults_without_timing(report):
     row = report["CUDA-graph capture, untuned shapes"]
     assert row["bench_calls"] == 0
     assert kernels(row) == {"_attn_fwd_kernel", "_linear_kernel", "_patch_embed_kernel"}
+
+
+def test_ampere_autotunes_from_its_own_table(report):
+    row = report["sm_80: attention autotuned"]
+    assert row["arch"] == 80 and row["bench_calls"] > 0
+    assert {r["kernel"] for r in row["returned"]} >= {"attention fwd sm_80", "attention dq sm_80", "attention dkdv sm_80"}
