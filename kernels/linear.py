@@ -52,10 +52,13 @@ Design:
   buffer each K-step overwrites: where dy needs no prologue (qkv's dW) the loop accumulates dW^T =
   LN(x)^T dy instead (SWAP_AB), the LN-ed tile then being the register operand; fc1's, with a dGELU
   prologue on dy too, still waits after each wgmma.
-- Plain pointer loads. Tensor descriptors (TMA) compile on triton 3.6 and run in its interpreter, but in
-  AOT compiles they only trim address arithmetic (87 vs ~100 instructions per K-step); not adopted
-  until a GPU measurement says they pay. On sm_90 tl.dot lowers to wgmma (HGMMA) for BLOCK_M >= 64 and
-  num_warps a multiple of 4, on sm_80 to mma.sync (HMMA): see compile_configs().
+- Operands come by pointer loads, or on sm_90 through TMA tensor descriptors (A_DESC / B_DESC: host-side
+  triton TensorDescriptors over the operand or its transpose, whichever has the unit stride, where its
+  base and row pitch are 16-byte aligned; out-of-bounds reads are zeros, so the tails need no masks).
+  In AOT compiles TMA only trims address arithmetic (87 vs ~100 instructions per K-step), so it is a
+  tuner candidate, not the default: the GPU measurement decides. On sm_90 tl.dot lowers to wgmma
+  (HGMMA) for BLOCK_M >= 64 and num_warps a multiple of 4, on sm_80 to mma.sync (HMMA): see
+  compile_configs().
 - LayerNorm statistics are handed from GEMM to GEMM: a residual GEMM (STATS_OUT) stores, per row, the
   mean and M2 (sum of squared deviations) of each STATS_GROUP = 64 columns of its output as stored, and
   the next LayerNorm -> GEMM (STATS_IN) combines those partials in its prologue (Chan et al.'s pairwise
@@ -86,6 +89,7 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, may_measure,
                        new_output, on_gpu)
@@ -135,6 +139,20 @@ def _dropout(x, Seed, rows, cols, n_cols, p):
     both backward GEMMs regenerate the same mask."""
     keep = tl.rand(tl.load(Seed), rows.to(tl.int64) * n_cols + cols) >= p
     return tl.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+
+
+@triton.jit
+def _load_tile(Operand, DESC: tl.constexpr, first_row, first_col, rows, cols, stride_row, stride_col, mask):
+    """The operand tile at rows x cols (first_row, first_col: its first row and column). DESC "direct":
+    Operand is a TMA descriptor over the operand as laid out; "transposed": over its transpose (the tile
+    is loaded that way round and transposed in registers); TMA reads out of bounds as zeros. "none":
+    Operand is a pointer, loaded with the mask (other 0)."""
+    if DESC == "direct":
+        return Operand.load([first_row, first_col])
+    elif DESC == "transposed":
+        return tl.trans(Operand.load([first_col, first_row]))
+    else:
+        return tl.load(Operand + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -227,8 +245,8 @@ def _linear_kernel(
     # split-K: (splits, M) partial sums
     RowSumU,  # (M,) fp32 output: sum over k of d * u (ROWSUM_DU: dls in the dW GEMM), or None; likewise
     StatsOut,  # (2, cdiv(N, STATS_GROUP), M) fp32 output: C's per-group row statistics (STATS_OUT), or None
-    A,  # (M, K) left operand: x, dy, or dy^T (TRANS_A); strides stride_am, stride_ak
-    B,  # (K, N) right operand: W^T, W or x (all strided views); strides stride_bk, stride_bn
+    A,  # (M, K) left operand: x, dy, or dy^T (TRANS_A); strides stride_am, stride_ak; or a TMA descriptor (A_DESC)
+    B,  # (K, N) right operand: W^T, W or x (all strided views); strides stride_bk, stride_bn; or a descriptor
     Bias,  # (N,) or None
     Residual,  # (M, N), row stride stride_rm, unit column stride; or None
     Scale,  # layer scale (n_fwd,): over C's columns in the forward, dy's columns in GRAD_A; or None
@@ -272,6 +290,8 @@ def _linear_kernel(
     PREACT_DROPOUT: tl.constexpr,  # that x was also dropped out after the activation: the mask applies first
     STATS_OUT: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
+    A_DESC: tl.constexpr,  # "none": A is a pointer; "direct" / "transposed": a TMA descriptor over A / over A^T
+    B_DESC: tl.constexpr,  # likewise for B
     ZERO_PADS: tl.constexpr,  # zero a LayerNorm-ed tile's padded lanes (before sm_90: unmasked, it spills)
     DOT_DTYPE: tl.constexpr,  # operands are cast to this right before tl.dot
     DOT_PRECISION: tl.constexpr,
@@ -335,7 +355,7 @@ def _linear_kernel(
         else:
             k_mask = ks < K
         a_mask = row_mask[:, None] & k_mask[None, :]
-        a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+        a = _load_tile(A, A_DESC, pid_m * BLOCK_M, k_begin + k_offset, rows, ks, stride_am, stride_ak, a_mask)
         if LN_A:
             a = _layer_norm_rows(a, rstd_a, shift_a, ks, k_mask, LnW, LnB, HAS_LN_W, HAS_LN_B)
             if ZERO_PADS:
@@ -359,7 +379,7 @@ def _linear_kernel(
                 row_sum_u += tl.sum(du, axis=1)
 
         b_mask = k_mask[:, None] & col_mask[None, :]
-        b = tl.load(B + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+        b = _load_tile(B, B_DESC, k_begin + k_offset, pid_n * BLOCK_N, ks, cols, stride_bk, stride_bn, b_mask)
         if LN_B:
             rstd_b = tl.load(Rstd + ks, mask=k_mask, other=0.0)
             b = _layer_norm_rows(b, rstd_b, -tl.load(Mean + ks, mask=k_mask, other=0.0) * rstd_b, cols, col_mask,
@@ -436,19 +456,27 @@ def _row_stats_kernel(
 
 # ----------------------------------------------------------------------------------------------- configs
 
-_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+# TMA: the operands are read through tensor descriptors (Hopper's bulk copies) instead of pointer loads
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "TMA")
 # Under the interpreter every tl op costs ~0.1 ms of Python whatever the tile size: few, large tiles. The
 # tests' shapes (K = 100, N = 48 / 200 / 576, M = 17 / 397) still leave ragged tails in every dim, and
 # M = 397 (4 row-blocks) makes 2 program groups.
-_INTERPRETER_TILE = dict(zip(_TILE_KEYS, (128, 128, 64, 2, 4, 1)))
+_INTERPRETER_TILE = dict(zip(_TILE_KEYS, (128, 128, 64, 2, 4, 1, False)))
 # Hopper / Ampere candidates: 128-row tiles feed wgmma with 2 warpgroups (8 warps) or 1 (4 warps);
 # 16-bit operands take BLOCK_K = 64 (128-byte rows for the swizzled shared-memory layout), fp32 half that.
+# The 8-warp tiles are also tried with TMA loads on sm_90 (_tma_layout: where the operands allow it): in
+# ahead-of-time compiles TMA only trims the K-step's address arithmetic (87 vs ~100 instructions), so the
+# measurement decides; the defaults stay on pointer loads. The 128 x 256 tiles spill 250-1100 bytes under
+# the fused epilogues (GELU + pre-activation store, residual + statistics, dGELU) with either kind of load,
+# and stay candidates all the same: an H200 run of an earlier revision had them fastest for LN -> QKV.
 _CANDIDATES_16 = [dict(zip(_TILE_KEYS, t)) for t in (
-    (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-    (128, 64, 64, 8, 4, 4),
+    (128, 128, 64, 8, 8, 3, False), (128, 256, 64, 8, 8, 3, False), (128, 128, 64, 8, 4, 4, False),
+    (64, 128, 64, 8, 4, 4, False), (128, 64, 64, 8, 4, 4, False), (128, 128, 64, 8, 8, 3, True),
+    (128, 256, 64, 8, 8, 3, True),
 )]
 _CANDIDATES_32 = [dict(zip(_TILE_KEYS, t)) for t in (
-    (128, 128, 32, 8, 8, 3), (128, 64, 32, 8, 4, 3), (64, 128, 32, 8, 4, 3), (64, 64, 32, 8, 4, 3),
+    (128, 128, 32, 8, 8, 3, False), (128, 64, 32, 8, 4, 3, False), (64, 128, 32, 8, 4, 3, False),
+    (64, 64, 32, 8, 4, 3, False), (128, 128, 32, 8, 8, 3, True),
 )]
 _tuned = {}  # tile pick key -> the tile measured fastest
 _measured = {}  # tile pick key -> (the pre-tuned default, [(ms, tile) for every candidate timed])
@@ -510,10 +538,11 @@ def _split_k(tiles: int, K: int, block_k: int, num_sms: int) -> int:
     return max(1, min(num_sms // tiles, K // (8 * block_k), 16))
 
 
-def _pick_tile(key, M, N, K, dot_dtype, launch, can_split) -> dict:
+def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     """The tile config for one GEMM: fixed under the interpreter; on CUDA the fastest candidate for this
     key (flags, dtypes, next_power_of_2(M), N, K), measured once per process, each candidate also tried
-    with a split K when can_split and the grid is small (_split_k). Measuring reruns `launch`, which is
+    with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma (a
+    later call whose operands TMA cannot address loads them by pointer). Measuring reruns `launch`, which is
     safe because every output is overwritten, never accumulated into. The pre-tuned default is used
     without measuring while a CUDA graph is captured or when FASTVIT_AUTOTUNE=0."""
     if is_interpreter():
@@ -534,6 +563,8 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split) -> dict:
         return default
     timings = []
     for candidate in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
+        if candidate["TMA"] and not can_tma:
+            continue
         for tile in with_splits(candidate):
             try:
                 timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
@@ -563,6 +594,32 @@ def tuning_record() -> list:
     return record
 
 
+def _tma_layout(t, shape, strides):
+    """How a TMA descriptor can address the 2-D operand (shape, strides) of tensor t: "direct" (its column
+    stride is 1), "transposed" (its row stride is 1: the descriptor is over its transpose), or None where
+    TMA cannot (a base or row pitch not 16-byte aligned, an empty dim: triton's TensorDescriptor rules)."""
+    (rows, cols), (row_stride, col_stride) = shape, strides
+    if col_stride == 1 or cols == 1:
+        layout, pitch = "direct", row_stride
+    elif row_stride == 1 or rows == 1:
+        layout, pitch = "transposed", col_stride
+    else:
+        return None
+    aligned = t.data_ptr() % 16 == 0 and (pitch * t.element_size()) % 16 == 0
+    return layout if aligned and rows > 0 and cols > 0 else None
+
+
+def _operand(t, shape, strides, layout, block):
+    """(the kernel argument, its *_DESC flag) for an operand: a TensorDescriptor tiled by block (rows,
+    cols) in `layout` (_tma_layout), or with layout None t itself, loaded by pointer."""
+    if layout is None:
+        return t, "none"
+    (rows, cols), (row_stride, col_stride) = shape, strides
+    if layout == "direct":
+        return TensorDescriptor(t, [rows, cols], [row_stride, 1], list(block)), layout
+    return TensorDescriptor(t, [cols, rows], [col_stride, 1], list(block[::-1])), layout
+
+
 def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropout_p=0.0, preact=None,
           row_sum=None, row_sum_u=None, stats_out=None, bias=None, residual=None, scale=None, sample_scale=None,
           ln_weight=None, ln_bias=None, mean=None, rstd=None, stats_in=None, eps=0.0, seed=None, z=None, ln_a=False,
@@ -587,6 +644,8 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
     )
 
     can_split = trans_a and out.is_contiguous()  # the weight gradients: no epilogue to split around
+    a_layout, b_layout = _tma_layout(a, (M, K), a_strides), _tma_layout(b, (K, N), b_strides)
+    can_tma = on_gpu(out.device) and not _before_hopper(out.device) and (a_layout or b_layout) is not None
     # the forward's rows are C's (forward, dx) or the reduction's (dW); samples divide them evenly
     rows_per_sample = (K if trans_a else M) // max(sample_scale.numel(), 1) if sample_scale is not None else 1
 
@@ -594,6 +653,9 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         tile = dict(tile)
         split = tile.pop("SPLIT_K", 1)  # (popped always: the kernel has no such argument)
         split = split if can_split else 1  # a split would cut the forward / dx GEMMs' epilogues
+        tma = tile.pop("TMA", False)
+        a_arg, a_desc = _operand(a, (M, K), a_strides, a_layout if tma else None, (tile["BLOCK_M"], tile["BLOCK_K"]))
+        b_arg, b_desc = _operand(b, (K, N), b_strides, b_layout if tma else None, (tile["BLOCK_K"], tile["BLOCK_N"]))
         k_per_split = triton.cdiv(triton.cdiv(K, split), tile["BLOCK_K"]) * tile["BLOCK_K"]
         splits = triton.cdiv(K, k_per_split)
         # split-K: each slice of the reduction writes fp32 partials, summed below in a fixed order
@@ -605,12 +667,12 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         c, c_row_sum, c_row_sum_u = targets
         grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), splits)
         _linear_kernel[grid](
-            c, preact, c_row_sum, c_row_sum_u, stats_out, a, b, bias, residual, scale, sample_scale, ln_weight,
+            c, preact, c_row_sum, c_row_sum_u, stats_out, a_arg, b_arg, bias, residual, scale, sample_scale, ln_weight,
             ln_bias, mean, rstd, stats_in, seed, preact_seed, z, out.stride(0), *a_strides, *b_strides,
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
             c.stride(0) if splits > 1 else 0, *(stats_in.stride() if stats_in is not None else (0, 0, 0)),
             M, N, K, k_per_split, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, eps, **flags,
-            EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0, ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
+            EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0, A_DESC=a_desc, B_DESC=b_desc, ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
         )  # fmt: skip
         if splits > 1:
             for total, partials in zip((out, row_sum, row_sum_u), targets):
@@ -628,7 +690,7 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         return
     key = (tuple(flags.items()), out.dtype, a.dtype, b.dtype, triton.next_power_of_2(M), N, K)
     with device_context(out):
-        launch(_pick_tile(key, M, N, K, dot_dtype, launch, can_split))
+        launch(_pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma))
 
 
 def _row_stats(x, eps):
@@ -739,14 +801,75 @@ def linear_backward(dy, x, weight, preact, layer_scale, ln_weight, ln_bias, mean
     return tuple(g if k else None for g, k in zip(grads, keep))
 
 
+_POINTER_ARGS = ("C", "Preact", "RowSum", "RowSumU", "StatsOut", "A", "B", "Bias", "Residual", "Scale", "SampleScale",
+                 "LnW", "LnB", "Mean", "Rstd", "StatsIn", "Seed", "PreactSeed", "Z")
+_FLAGS_OFF = dict(LN_A=False, LN_B=False, STATS_IN=False, STATS_OUT=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False,
+                  TRANS_A=False, ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False,
+                  HAS_SAMPLE_SCALE=False, DROPOUT=False, HAS_RESIDUAL=False, SAVE_PREACT=False, PREACT_GRAD="none",
+                  PREACT_DROPOUT=False)
+
+
+def _gemm_config(label, used, flags, torch_dtype, tile_m, tile, archs):
+    """The KernelConfig of one GEMM as the model launches it: `used` pointers, `flags` on, operands in
+    torch_dtype (under autocast the residual stream stays fp32), tile_m rows (the weight gradients reduce
+    over them), `tile` (its TMA entry: A and B as tensor descriptors), compiled for `archs`."""
+    dtype = TORCH_TO_TRITON_DTYPE[torch_dtype]
+    trans = flags.get("TRANS_A", False)
+    # under autocast the residual stream (x of LN->GEMM, the residual, the output) stays fp32
+    stream = "fp32" if flags.get("LN_A") or flags.get("HAS_RESIDUAL") else dtype
+    types = {name: f"*{dtype}" for name in used}
+    types.update({name: "*fp32" for name in ("RowSum", "RowSumU", "Mean", "Rstd", "StatsOut", "StatsIn",
+                                             "SampleScale") if name in used})  # fmt: skip
+    types.update({name: "*i64" for name in ("Seed", "PreactSeed") if name in used})
+    types.update({"A": f"*{stream}" if flags.get("LN_A") else f"*{dtype}",
+                  "Residual": "*fp32", "C": "*fp32" if flags.get("HAS_RESIDUAL") else f"*{dtype}"})
+    types = {k: v for k, v in types.items() if k in used or k == "C"}
+    # row strides, N and K are multiples of 16 at ViT widths (the JIT specialises on that); M is not
+    ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                                        "stride_rm", "stride_zm", "N", "K", "n_fwd")}
+    ints.update(M="i32", rows_per_sample="i32", dropout_p="fp32", preact_dropout_p="fp32", eps="fp32",
+                stride_s_kind="i32", stride_s_group="i32", stride_s_row="i32", stride_c_split="i32:16",
+                k_per_split="i32:16")
+    # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows when B
+    # is W^T (forward), else B's columns
+    units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")
+    ints = {name: t for name, t in ints.items() if name not in units}
+    # the weight gradients' M is the forward's N (a ViT width: the JIT specialises it as a multiple of 16,
+    # which lets dy^T's masked loads vectorise) and their K its tile_m rows
+    sizes = dict(M="i32:16", K="i32:16" if tile_m % 16 == 0 else "i32") if trans else {}
+    constexprs = {name: None for name in _POINTER_ARGS if name not in types}
+    constexprs.update({name: 1 for name in units})
+    constexprs.update({**_FLAGS_OFF, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype], "DOT_PRECISION": "tf32"})
+    constexprs.update({k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
+    # K is a ViT width, except for the weight gradients' reduction over M rows
+    constexprs["EVEN_K"] = tile_m % tile["BLOCK_K"] == 0 if trans else True
+    has_ln = flags.get("LN_A") or flags.get("LN_B")
+    constexprs["ZERO_PADS"] = bool(has_ln) and archs == (80,)  # before sm_90 only
+    constexprs["A_DESC"] = constexprs["B_DESC"] = "none"
+    if tile["TMA"]:  # descriptors laid out as _tma_layout finds the model's operands
+        for name, layout, (rows, cols) in (
+            ("A", "transposed" if trans else "direct", (tile["BLOCK_M"], tile["BLOCK_K"])),
+            ("B", "direct" if flags.get("GRAD_A") else "transposed", (tile["BLOCK_K"], tile["BLOCK_N"])),
+        ):  # fmt: skip
+            block = (rows, cols) if layout == "direct" else (cols, rows)
+            types[name] = f"tensordesc<{types[name][1:]}[{block[0]}, {block[1]}]>"
+            constexprs[f"{name}_DESC"] = layout
+        label += f" TMA {tile['BLOCK_M']}x{tile['BLOCK_N']}"
+    # a LayerNorm-ed B next to a dz prologue (fc1's weight gradient) keeps the wgmma serialised
+    serial = flags.get("LN_B", False) and flags.get("ACTIVATION", "none") != "none"
+    return KernelConfig(
+        _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **ints, **sizes}, constexprs=constexprs,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"], archs=archs, async_wgmma=not serial,
+    )  # fmt: skip
+
+
 def compile_configs():
     """Every GEMM the model launches (forward, dx and dW of each Linear) in bf16, fp16 and fp32, at the
-    pre-tuned default tiles for large and small M, plus the LayerNorm statistics pass. Unit strides are
+    pre-tuned default tiles for large and small M, sm_90's TMA candidates for the block's big GEMMs (bf16,
+    batch 256), and the LayerNorm statistics pass. Unit strides are
     constexpr 1 and row strides, N and K carry the multiple-of-16 hint, as the JIT specialises them at
     ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
     matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
-    pointers = ("C", "Preact", "RowSum", "RowSumU", "StatsOut", "A", "B", "Bias", "Residual", "Scale", "SampleScale",
-                "LnW", "LnB", "Mean", "Rstd", "StatsIn", "Seed", "PreactSeed", "Z")
     uses = {  # label -> (pointers used, flags): the fused ops of one block, the head and their gradients
         "LN->qkv+bias": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd"},
                          dict(LN_A=True, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True)),
@@ -786,10 +909,6 @@ def compile_configs():
                                       dict(GRAD_A=True, TRANS_A=True, ROWSUM_DZ=True, ACTIVATION="gelu", LN_B=True,
                                            HAS_LN_W=True, HAS_LN_B=True)),
     }
-    off = dict(LN_A=False, LN_B=False, STATS_IN=False, STATS_OUT=False, HAS_LN_W=False, HAS_LN_B=False, GRAD_A=False,
-               TRANS_A=False, ROWSUM_DZ=False, ROWSUM_DU=False, HAS_BIAS=False, ACTIVATION="none", HAS_SCALE=False,
-               HAS_SAMPLE_SCALE=False, DROPOUT=False, HAS_RESIDUAL=False, SAVE_PREACT=False, PREACT_GRAD="none",
-               PREACT_DROPOUT=False)
     configs = []
     for D in (384, 768, 1024, 1280):
         block_m, block_d, num_warps = layer_norm_config(D)
@@ -801,48 +920,19 @@ def compile_configs():
                 constexprs={"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=num_warps,
             ))  # fmt: skip
     for torch_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        dtype = TORCH_TO_TRITON_DTYPE[torch_dtype]
         for label, (used, flags) in uses.items():
-            trans = flags.get("TRANS_A", False)
-            # under autocast the residual stream (x of LN->GEMM, the residual, the output) stays fp32
-            stream = "fp32" if flags.get("LN_A") or flags.get("HAS_RESIDUAL") else dtype
-            types = {name: f"*{dtype}" for name in used}
-            types.update({name: "*fp32" for name in ("RowSum", "RowSumU", "Mean", "Rstd", "StatsOut", "StatsIn",
-                                                     "SampleScale") if name in used})  # fmt: skip
-            types.update({name: "*i64" for name in ("Seed", "PreactSeed") if name in used})
-            types.update({"A": f"*{stream}" if flags.get("LN_A") else f"*{dtype}",
-                          "Residual": "*fp32", "C": "*fp32" if flags.get("HAS_RESIDUAL") else f"*{dtype}"})
-            types = {k: v for k, v in types.items() if k in used or k == "C"}
-            # row strides, N and K are multiples of 16 at ViT widths (the JIT specialises on that); M is not
-            ints = {name: "i32:16" for name in ("stride_cm", "stride_am", "stride_ak", "stride_bk", "stride_bn",
-                                                "stride_rm", "stride_zm", "N", "K", "n_fwd")}
-            ints.update(M="i32", rows_per_sample="i32", dropout_p="fp32", preact_dropout_p="fp32", eps="fp32",
-                        stride_s_kind="i32", stride_s_group="i32", stride_s_row="i32", stride_c_split="i32:16",
-                        k_per_split="i32:16")
-            # unit strides (constexpr 1 in the JIT too): A's columns, or its rows when A is dy^T; B's rows
-            # when B is W^T (forward), else B's columns
-            units = ("stride_am" if trans else "stride_ak", "stride_bn" if flags.get("GRAD_A") else "stride_bk")
-            ints = {name: t for name, t in ints.items() if name not in units}
             for tile_m in (50432, 394):
-                # the weight gradients' M is the forward's N (a ViT width: the JIT specialises it as a
-                # multiple of 16, which lets dy^T's masked loads vectorise) and their K its tile_m rows
-                sizes = dict(M="i32:16", K="i32:16" if tile_m % 16 == 0 else "i32") if trans else {}
                 tile = _fit_to_fusions(_default_tile(tile_m, 768, torch_dtype),
-                                       {**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype]})  # fmt: skip
-                constexprs = {name: None for name in pointers if name not in types}
-                constexprs.update({name: 1 for name in units})
-                constexprs.update({**off, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype], "DOT_PRECISION": "tf32"})
-                constexprs.update({k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
-                # K is a ViT width, except for the weight gradients' reduction over M rows
-                constexprs["EVEN_K"] = tile_m % tile["BLOCK_K"] == 0 if trans else True
+                                       {**_FLAGS_OFF, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype]})  # fmt: skip
                 has_ln = flags.get("LN_A") or flags.get("LN_B")
-                # a LayerNorm-ed B next to a dz prologue (fc1's weight gradient) keeps the wgmma serialised
-                serial = flags.get("LN_B", False) and flags.get("ACTIVATION", "none") != "none"
-                for archs in ((90,), (80,)) if has_ln else ((90, 80),):  # ZERO_PADS before sm_90 only
-                    constexprs["ZERO_PADS"] = has_ln and archs == (80,)
-                    configs.append(KernelConfig(
-                        _linear_kernel, "gemm", f"{label} {dtype} M={tile_m}", types={**types, **ints, **sizes},
-                        constexprs=dict(constexprs), num_warps=tile["num_warps"], num_stages=tile["num_stages"],
-                        archs=archs, async_wgmma=not serial,
-                    ))  # fmt: skip
+                for archs in ((90,), (80,)) if has_ln else ((90, 80),):  # ZERO_PADS differs
+                    configs.append(_gemm_config(label, used, flags, torch_dtype, tile_m, tile, archs))
+    # sm_90's TMA candidate at the default 128 x 128 tile on the block's big GEMMs (forward, dx, dW) in bf16
+    # at batch 256. (The 128 x 256 candidates, TMA or not, spill 250-1100 bytes under the fused epilogues
+    # at 8 warps and are not listed: they stay candidates for the measurement to judge.)
+    tma_tile = next(c for c in _CANDIDATES_16 if c["TMA"] and c["BLOCK_N"] == 128)
+    for label in ("LN(handed-on stats)->fc1+bias+gelu", "proj/fc2+bias+residual", "dx into gelu's input", "dW+db"):
+        used, flags = uses[label]
+        tile = _fit_to_fusions(tma_tile, {**_FLAGS_OFF, **flags, "DOT_DTYPE": tl.bfloat16})
+        configs.append(_gemm_config(label, used, flags, torch.bfloat16, 50432, tile, (90,)))
     return configs

@@ -36,10 +36,11 @@ def test_every_scenario_launches(report):
     assert all(row["launches"] for row in report.values())
 
 
-def test_gemm_tuner_times_every_candidate_and_splits_small_weight_gradient_grids(report):
+def test_gemm_tuner_times_every_candidate_with_tma_and_split_k(report):
     row = report["GEMMs autotuned (LayerNorm prologue; split-K weight gradient)"]
     forward, weight_grad = row["returned"]
     assert forward["flags"]["LN_A"] == "True" and len(forward["candidates"]) >= 4
+    assert {c["tile"]["TMA"] for c in forward["candidates"] + weight_grad["candidates"]} == {False, True}  # sm_90
     splits = [c["tile"]["SPLIT_K"] for c in weight_grad["candidates"]]
     assert 1 in splits and max(splits) > 1, splits
     assert row["bench_calls"] == len(forward["candidates"]) + len(weight_grad["candidates"])

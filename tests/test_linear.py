@@ -195,6 +195,38 @@ def test_split_k_weight_gradients(monkeypatch, spec, dtype):
         assert torch.equal(first[name], second[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("spec", [dict(ln=True, bias=True, activation="gelu"), dict(bias=True, residual=True, layer_scale=True)],
+                         ids=["ln_fc1", "fc2_ls"])  # fmt: skip
+def test_tma_operand_loads(monkeypatch, spec, dtype):
+    """Every GEMM of a layer (forward, dx, and dW split in 3 slices) with its operands read through TMA
+    tensor descriptors, as the sm_90 tuner's TMA candidates read them: in both layouts (direct: x, dy, W in
+    dx; transposed: W^T in the forward, dy^T in dW), the ragged M, N, K tails read as the descriptor's zeros
+    instead of masked loads. Same flash rule against fp64. (K = 104: 16-byte-aligned rows in bf16.)"""
+    from fastvit.kernels import linear as linear_kernels
+
+    layouts, operand = [], linear_kernels._operand
+    monkeypatch.setattr(linear_kernels, "_operand", lambda *args: layouts.append(operand(*args)[1]) or operand(*args))
+    monkeypatch.setattr(linear_kernels, "_INTERPRETER_TILE", dict(linear_kernels._INTERPRETER_TILE, TMA=True, SPLIT_K=3))
+    check_against_fp64(397, 104, 200, spec, dtype)
+    assert set(layouts) == {"direct", "transposed"}, layouts
+
+
+def test_tma_layout_follows_the_unit_stride_and_alignment():
+    """_tma_layout: a descriptor over the operand or its transpose, whichever has the unit stride; None
+    where triton's TensorDescriptor would refuse (an unaligned base or row pitch), so those load by pointer."""
+    from fastvit.kernels.linear import _tma_layout
+
+    x = torch.empty(64, 48, dtype=torch.bfloat16)
+    assert _tma_layout(x, (64, 48), x.stride()) == "direct"
+    assert _tma_layout(x, (48, 64), x.t().stride()) == "transposed"
+    assert _tma_layout(x[:, :40], (64, 40), x.stride()) == "direct"  # a column slice keeps a 96-byte pitch
+    assert _tma_layout(x[:, 1:], (64, 47), x.stride()) is None  # base 2 bytes past alignment
+    odd = torch.empty(64, 44, dtype=torch.bfloat16)
+    assert _tma_layout(odd, (64, 44), odd.stride()) is None  # 88-byte rows
+    assert _tma_layout(x[:, ::2], (64, 24), x[:, ::2].stride()) is None  # no unit stride
+
+
 def group_stats_reference(y):
     """fp64 (mean, M2) of every 64-column group of y's rows: what the epilogue's statistics hold."""
     y = y.double().reshape(-1, y.shape[-1])
@@ -503,12 +535,12 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False,
                  HAS_SAMPLE_SCALE=False, PREACT_GRAD="none", PREACT_DROPOUT=False, DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
     key = (tuple(flags.items()), torch.bfloat16, torch.bfloat16, torch.bfloat16, 1024, 768, 50432)  # proj's dW
-    picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, True)
+    picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, True, False)
     splits = {t["SPLIT_K"] for t in tried}
     assert 1 in splits and max(splits) > 1 and picked["SPLIT_K"] == max(splits), tried
     tiles = triton.cdiv(768, picked["BLOCK_M"]) * triton.cdiv(768, picked["BLOCK_N"])
     assert tiles * picked["SPLIT_K"] <= 132, picked
-    assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, True) is picked  # cached
+    assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, True, False) is picked  # cached
     [row] = linear_kernels.tuning_record()
     assert row["flags"] == {"GRAD_A": "True", "TRANS_A": "True", "DOT_DTYPE": "bf16"}, row["flags"]
     assert (row["M_bucket"], row["N"], row["K"], row["picked"]) == (1024, 768, 50432, picked)
@@ -521,8 +553,9 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
 
     monkeypatch.setattr(linear_kernels, "_tuned", {})
     tried.clear()
-    unsplit = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, False)
+    unsplit = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, False, True)
     assert unsplit["SPLIT_K"] == 1 and {t["SPLIT_K"] for t in tried} == {1}
+    assert {t["TMA"] for t in tried} == {False, True}  # TMA candidates where the operands allow (sm_90)
     monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")
     monkeypatch.setattr(linear_kernels, "_tuned", {})
-    assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, False)["SPLIT_K"] == 1
+    assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, False, False)["SPLIT_K"] == 1
