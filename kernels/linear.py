@@ -56,7 +56,7 @@ Design:
   triton TensorDescriptors over the operand or its transpose, whichever has the unit stride, where its
   base and row pitch are 16-byte aligned; out-of-bounds reads are zeros, so the tails need no masks).
   In AOT compiles TMA only trims address arithmetic (87 vs ~100 instructions per K-step), so it is a
-  tuner candidate, not the default: the GPU measurement decides. On sm_90 tl.dot lowers to wgmma
+  tuner candidate, not the default: the GPU measurement decides (FASTVIT_TMA=0 leaves it out). On sm_90 tl.dot lowers to wgmma
   (HGMMA) for BLOCK_M >= 64 and num_warps a multiple of 4, on sm_80 to mma.sync (HMMA): see
   compile_configs().
 - LayerNorm statistics are handed from GEMM to GEMM: a residual GEMM (STATS_OUT) stores, per row, the
@@ -84,6 +84,8 @@ LayerNorm prologue; with one, x needs a unit column stride (the statistics pass 
 read whole rows), as do the residual and the saved z; outputs are contiguous; offsets are int64. The ops
 in fastvit/ops hand over rows with a unit column stride (rows_view copies any other).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -645,7 +647,8 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
 
     can_split = trans_a and out.is_contiguous()  # the weight gradients: no epilogue to split around
     a_layout, b_layout = _tma_layout(a, (M, K), a_strides), _tma_layout(b, (K, N), b_strides)
-    can_tma = on_gpu(out.device) and not _before_hopper(out.device) and (a_layout or b_layout) is not None
+    can_tma = (on_gpu(out.device) and not _before_hopper(out.device) and (a_layout or b_layout) is not None
+               and os.environ.get("FASTVIT_TMA", "1") != "0")  # fmt: skip
     # the forward's rows are C's (forward, dx) or the reduction's (dW); samples divide them evenly
     rows_per_sample = (K if trans_a else M) // max(sample_scale.numel(), 1) if sample_scale is not None else 1
 
