@@ -56,9 +56,9 @@ Design:
   triton TensorDescriptors over the operand or its transpose, whichever has the unit stride, where its
   base and row pitch are 16-byte aligned; out-of-bounds reads are zeros, so the tails need no masks).
   In AOT compiles TMA only trims address arithmetic (87 vs ~100 instructions per K-step), so it is a
-  tuner candidate, not the default: the GPU measurement decides (FASTVIT_TMA=0 leaves it out). On sm_90 tl.dot lowers to wgmma
-  (HGMMA) for BLOCK_M >= 64 and num_warps a multiple of 4, on sm_80 to mma.sync (HMMA): see
-  compile_configs().
+  tuner candidate, not the default: the GPU measurement decides (FASTVIT_TMA=0 leaves it out). On sm_90
+  tl.dot lowers to wgmma (HGMMA) for BLOCK_M >= 64 and num_warps a multiple of 4, on sm_80 to mma.sync
+  (HMMA): see compile_configs().
 - LayerNorm statistics are handed from GEMM to GEMM: a residual GEMM (STATS_OUT) stores, per row, the
   mean and M2 (sum of squared deviations) of each STATS_GROUP = 64 columns of its output as stored, and
   the next LayerNorm -> GEMM (STATS_IN) combines those partials in its prologue (Chan et al.'s pairwise
@@ -544,8 +544,8 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     """The tile config for one GEMM: fixed under the interpreter; on CUDA the fastest candidate for this
     key (flags, dtypes, next_power_of_2(M), N, K), measured once per process, each candidate also tried
     with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma (a
-    later call whose operands TMA cannot address loads them by pointer). Measuring reruns `launch`, which is
-    safe because every output is overwritten, never accumulated into. The pre-tuned default is used
+    later call whose operands TMA cannot address loads them by pointer). Measuring reruns `launch`, which
+    is safe because every output is overwritten, never accumulated into. The pre-tuned default is used
     without measuring while a CUDA graph is captured or when FASTVIT_AUTOTUNE=0."""
     if is_interpreter():
         return _INTERPRETER_TILE
