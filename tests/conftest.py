@@ -11,8 +11,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-
-import threadpoolctl  # noqa: E402
+else:
+    # The pre-tuned tiles: autotuning would compile and time several tiles per test shape (minutes), count
+    # its trial launches in the launch-count tests, and tune eager runs differently from CUDA-graph
+    # captures that the bitwise graph tests compare with. The GEMM tuner's own test fakes its timings.
+    os.environ.setdefault("FASTVIT_AUTOTUNE", "0")
+    # The references are IEEE fp32, as the kernels are (kernels/_helpers.dot_precision): cuDNN's default
+    # TF32 convolutions (timm's patch embedding, the torch backend's) would miss fp32 tolerances by 5-10x.
+    torch.backends.cudnn.allow_tf32 = False
 
 from fastvit.kernels import _helpers  # noqa: E402
 
@@ -55,6 +61,8 @@ def _patch_language_once_per_launch():
 
 
 if INTERPRETED:  # (the interpreter's bf16 tl.dot is fixed by fastvit.kernels._helpers itself, at import)
+    import threadpoolctl
+
     _patch_language_once_per_launch()
     # The interpreter's tl.dot is a numpy matmul of one small tile: single-threaded BLAS runs it in ~10 us,
     # multi-threaded OpenBLAS on a busy 2-core machine in ~1 ms (its spinning threads slow the rest too).

@@ -11,9 +11,6 @@ The compiles run once per process, at the first test (not at collection, so pyte
 do not run this file compile nothing); triton's on-disk cache makes reruns cheap.
 """
 import functools
-import json
-import os
-from pathlib import Path
 
 from fastvit import inspect as fv_inspect
 
@@ -22,10 +19,7 @@ ARCHS = ("sm_90", "sm_80")
 
 @functools.cache
 def inspect_rows():
-    rows = tuple(fv_inspect.inspect_kernels(ARCHS))
-    if os.environ.get("FASTVIT_INSPECT_JSON"):  # benchmarks/gpu_check.sh keeps the rows with its results
-        Path(os.environ["FASTVIT_INSPECT_JSON"]).write_text(json.dumps(rows, indent=1))
-    return rows
+    return tuple(fv_inspect.inspect_kernels(ARCHS))
 
 
 def _row_id(row):

@@ -487,7 +487,7 @@ def test_torch_func_transforms_take_the_torch_path():
 def test_backward_through_a_graph_exported_without_gradients_is_refused():
     """Exported under no_grad the fused ops decide to save nothing for a backward; training through that
     graph is a clear error, not a read of tensors that were never saved."""
-    block = torch.nn.Linear(16, 8)
+    block = torch.nn.Linear(16, 8, device=DEVICE)
     call = lambda m, x: ops.linear(x, m.weight, m.bias, activation="gelu")  # noqa: E731
     module = type("Gelu", (torch.nn.Module,), {"forward": lambda self, x: call(block, x)})()
     module.block = block

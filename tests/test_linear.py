@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
-from conftest import DEVICE, DTYPES, assert_close, assert_error_within, tolerance
+from conftest import DEVICE, DTYPES, INTERPRETED, assert_close, assert_error_within, tolerance
 
 from fastvit import count_launches
 from fastvit.backend import use_backend
@@ -175,6 +175,19 @@ def test_fc2_vit_base_shape_forward():
     assert_error_within(ours, eager, ref, atol=tolerance(torch.bfloat16)[0], name="fc2 y")
 
 
+def force_tile(monkeypatch, dtype, **overrides):
+    """Every GEMM launches with the tile the tuner would try (fitted to its fusions, as the tuner fits
+    it), with `overrides` (SPLIT_K: slices where the GEMM can split; TMA): on a GPU the first candidate
+    of the dtype's list with that TMA setting, under the interpreter its fixed tile."""
+    from fastvit.kernels import linear as linear_kernels
+
+    candidates = linear_kernels._CANDIDATES_16 if dtype != torch.float32 else linear_kernels._CANDIDATES_32
+    tile = linear_kernels._INTERPRETER_TILE if INTERPRETED else next(
+        c for c in candidates if c["TMA"] == overrides.get("TMA", False))
+    fitted = lambda key, *_: dict(linear_kernels._fit_to_fusions(tile, dict(key[0])), **overrides)  # noqa: E731
+    monkeypatch.setattr(linear_kernels, "_pick_tile", fitted)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("spec", [dict(ln=True, bias=True, activation="gelu"), dict(ln=True, bias=True),
                                   dict(bias=True, residual=True, layer_scale=True)], ids=["ln_fc1", "ln_qkv", "fc2_ls"])
@@ -183,9 +196,7 @@ def test_split_k_weight_gradients(monkeypatch, spec, dtype):
     GPU when its grid is too small to fill the SMs: dW, db and dls from the fp32 partials still hold the
     flash rule against fp64 (with the LayerNorm re-applied to x in each slice; ln_qkv accumulates dW^T,
     SWAP_AB), and reruns are bitwise."""
-    from fastvit.kernels import linear as linear_kernels
-
-    monkeypatch.setattr(linear_kernels, "_INTERPRETER_TILE", dict(linear_kernels._INTERPRETER_TILE, SPLIT_K=3))
+    force_tile(monkeypatch, dtype, SPLIT_K=3)
     check_against_fp64(397, 100, 200, spec, dtype)
     inputs = make_inputs(397, 100, 200, spec, dtype)
     grad_out = torch.randn(397, 200, device=DEVICE)
@@ -211,10 +222,7 @@ def test_tma_operand_loads(monkeypatch, spec, dtype):
         pytest.skip("TMA descriptors are sm_90's")
     layouts, operand = [], linear_kernels._operand
     monkeypatch.setattr(linear_kernels, "_operand", lambda *args: layouts.append(operand(*args)[1]) or operand(*args))
-    candidates = linear_kernels._CANDIDATES_16 if dtype != torch.float32 else linear_kernels._CANDIDATES_32
-    tile = linear_kernels._INTERPRETER_TILE if DEVICE.type == "cpu" else next(c for c in candidates if c["TMA"])
-    fitted = lambda key, *_: dict(linear_kernels._fit_to_fusions(tile, dict(key[0])), TMA=True, SPLIT_K=3)  # noqa: E731
-    monkeypatch.setattr(linear_kernels, "_pick_tile", fitted)
+    force_tile(monkeypatch, dtype, TMA=True, SPLIT_K=3)
     check_against_fp64(397, 104, 200, spec, dtype)
     assert set(layouts) == {"direct", "transposed"}, layouts
 

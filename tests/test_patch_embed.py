@@ -112,7 +112,8 @@ def test_tokens_and_every_gradient_match_fp64(case, dtype):
                                     {"class_token": False, "global_pool": "avg"}])  # fmt: skip
 def test_matches_timm_vit_stem(kwargs):
     """The exact token layout of timm's VisionTransformer: PatchEmbed then _pos_embed."""
-    model = timm.create_model("vit_tiny_patch16_224", img_size=(32, 48), embed_dim=48, depth=1, num_heads=3, **kwargs)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=(32, 48), embed_dim=48, depth=1, num_heads=3,
+                              **kwargs).to(DEVICE)  # fmt: skip
     for p in (model.cls_token, model.reg_token, model.pos_embed):
         if p is not None:
             torch.nn.init.normal_(p)
@@ -168,8 +169,9 @@ def test_empty_batch():
 
 
 def bad(**changes):
+    """A valid call's inputs with `changes`, every tensor on DEVICE (so only the intended problem is wrong)."""
     inputs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(CASES[1], torch.float32).items()}
-    inputs.update(changes)
+    inputs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in changes.items()})
     return inputs
 
 
@@ -188,7 +190,7 @@ BAD_INPUTS = [
     (dict(no_embed_class=1), TypeError, "no_embed_class"),
     (dict(bias=torch.randn(40, dtype=torch.float64)), TypeError, "bias"),
     (dict(bias=torch.randn(40).half()), TypeError, "one dtype"),
-]
+]  # (built on the CPU at import; bad() moves them to DEVICE)
 
 
 @pytest.mark.parametrize("changes, error, message", BAD_INPUTS, ids=lambda x: str(x)[:40] if isinstance(x, str) else None)
@@ -218,8 +220,8 @@ def test_resample_equals_timm(prefix, old_grid, new_grid, dtype):
 
 @pytest.mark.parametrize("image_size", [(384, 384), (160, 224)])
 def test_resample_equals_hugging_face(image_size):
-    from transformers import ViTConfig
-    from transformers.models.vit.modeling_vit import ViTEmbeddings
+    transformers = pytest.importorskip("transformers", reason="the comparison needs transformers (a test extra)")
+    ViTConfig, ViTEmbeddings = transformers.ViTConfig, transformers.models.vit.modeling_vit.ViTEmbeddings
 
     config = ViTConfig(image_size=224, patch_size=16, hidden_size=32)
     embeddings = ViTEmbeddings(config)

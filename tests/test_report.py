@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import INTERPRETED
 
 REPORT = Path(__file__).parent.parent / "benchmarks" / "report.py"
 
@@ -108,5 +109,5 @@ def test_autotune_picks_reads_what_triton_autotune_cached():
     assert autotune_picks("k", tuned) == [{"kernel": "k", "key": ["197", "torch.bfloat16"],
                                            "config": {"BLOCK_M": 32, "num_warps": 8, "num_stages": configs[1].num_stages}}]  # fmt: skip
     assert autotune_picks("k", patch_embed._patch_embed_kernel) == []
-    # under the interpreter nothing is measured: the records the benchmarks store are empty, not an error
-    assert attention.tuning_record() == [] and linear.tuning_record() == [] and patch_embed.tuning_record() == []
+    if INTERPRETED:  # nothing is measured: the records the benchmarks store are empty, not an error
+        assert attention.tuning_record() == [] and linear.tuning_record() == [] and patch_embed.tuning_record() == []

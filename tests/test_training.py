@@ -42,9 +42,8 @@ def _fp32_convolutions():
 
 def digits():
     """Train / test split (1400 / 397) of the 8x8 digits, standardised: (N, 1, 8, 8) images, (N,) labels."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    datasets = pytest.importorskip("sklearn.datasets", reason="the digits ship with scikit-learn (a test extra)")
+    data = datasets.load_digits()
     images = torch.tensor(data.images, dtype=torch.float32)[:, None]
     images = (images - images.mean()) / images.std()
     labels = torch.tensor(data.target)
