@@ -136,7 +136,7 @@ def targets(benchmarks):
 def _tile(tile):
     split = tile.get("SPLIT_K", 1)
     return (f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} group {tile['GROUP_M']} warps {tile['num_warps']} "
-            f"stages {tile['num_stages']}{f' split-K {split}' if split > 1 else ''}")  # fmt: skip
+            f"stages {tile['num_stages']}{f' split-K {split}' if split > 1 else ''}{' TMA' if tile.get('TMA') else ''}")  # fmt: skip
 
 
 def tuning_lines(tuning, slower_than=1.0):

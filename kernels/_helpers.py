@@ -66,6 +66,19 @@ def may_measure() -> bool:
     return os.environ.get("FASTVIT_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
 
 
+def launch_autotuned(kernel, grid, args, kwargs, key, picks: dict, default) -> None:
+    """Launch a triton.autotune-wrapped kernel on CUDA. Where timing is allowed (may_measure) triton.autotune
+    picks, timing its candidates at a key's first call, and the pick is remembered in `picks` under `key`;
+    where not (a CUDA-graph capture, FASTVIT_AUTOTUNE=0) the kernel under the autotuner runs with the pick
+    remembered for `key`, else with `default` (a triton.Config): a graph captured after a warm-up runs the
+    tiles the warm-up ran."""
+    if may_measure():
+        kernel[grid](*args, **kwargs)
+        picks[key] = kernel.best_config
+    else:
+        kernel.fn[grid](*args, **kwargs, **picks.get(key, default).all_kwargs())
+
+
 def on_gpu(device: torch.device) -> bool:
     """Whether launches on `device` run on a GPU, so tile and grid choices follow its architecture and SM
     count (torch.cuda's queries); else they are the interpreter's. tests/fake_cuda.py makes it True for

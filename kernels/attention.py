@@ -55,7 +55,7 @@ counter query_row * Nk + key_col stays int32: sequences up to 46340 tokens get d
 
 Caution: @triton.autotune runs only on CUDA (the interpreter has no driver); under the interpreter the
 launchers pick one fixed config, and where no timing is allowed (a CUDA-graph capture, FASTVIT_AUTOTUNE=0)
-the first candidate of the table. Each arch has its own table (_ARCH_TABLES, chosen from the device's
+the pick made earlier for the same launch, else the first candidate of the table. Each arch has its own table (_ARCH_TABLES, chosen from the device's
 compute capability at launch): the defaults compile with no spills at d = 64, 80 and 128 for the arch
 that runs them, with HGMMA on sm_90. Ampere's backward reloads its resident operands every step
 (RELOAD): holding them in registers for mma.sync spills at BLOCK_D = 128. fp32 dots use
@@ -67,7 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import autotune_picks, device_context, dot_precision, is_interpreter, may_measure, new_output, on_gpu
+from ._helpers import (autotune_picks, device_context, dot_precision, is_interpreter, launch_autotuned, new_output,
+                       on_gpu)
 
 MAX_HEAD_DIM = 256
 LOG2E = math.log2(math.e)
@@ -596,17 +597,22 @@ def _arch(device) -> int:
     return 90
 
 
-def _kernel(arch, name, block_d, interpreter_config):
-    """(kernel, launch options) of one attention launch: the fixed config under the interpreter; on CUDA
-    the autotuned kernel, or where measuring is not allowed (kernels/_helpers.may_measure: a CUDA-graph
-    capture, FASTVIT_AUTOTUNE=0) the first candidate of its table for this BLOCK_D, the pre-tuned default."""
+_picks = {}  # launch key -> the triton.Config autotuning picked (kernels/_helpers.launch_autotuned)
+
+
+def _launch(arch, name, grid, args, constexprs, interpreter_config, shape):
+    """One launch of attention kernel `name` (args positional, constexprs by name): the fixed config under
+    the interpreter; on CUDA autotuned, where timing is not allowed (a CUDA-graph capture,
+    FASTVIT_AUTOTUNE=0) with the pick made earlier for this shape (N_Q, N_KV, dtype) and constexprs, else
+    the first candidate of its table for this BLOCK_D, the pre-tuned default."""
     tuned = _TUNED[arch][name]
     if is_interpreter():
-        return tuned, dict(interpreter_config)
-    if may_measure():
-        return tuned, {}
-    block_m, block_n, num_warps, num_stages = _table_row(_ARCH_TABLES[arch][name], block_d)[0]
-    return tuned.fn, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        tuned[grid](*args, **constexprs, **interpreter_config)
+        return
+    block_m, block_n, num_warps, num_stages = _table_row(_ARCH_TABLES[arch][name], constexprs["BLOCK_D"])[0]
+    default = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+    key = (arch, name, shape, tuple(sorted(constexprs.items())))
+    launch_autotuned(tuned, grid, args, constexprs, key, _picks, default)
 
 
 def _strides(t):
@@ -638,14 +644,11 @@ def attention_forward(q, k, v, scale, dropout_p=0.0, seed=None, out=None):
         return out, lse
     dropout = dropout_p > 0
     grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-    kernel, options = _kernel(_arch(q.device), "fwd", block_d, _INTERPRETER_CONFIG)
+    args = (out, lse, q, k, v, seed if dropout else None, *_strides(out), *_strides(q), *_strides(k), *_strides(v),
+            H, N_Q, N_KV, float(scale), float(dropout_p))  # fmt: skip
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout, DOT_PRECISION=dot_precision(q.dtype))
     with device_context(q):
-        kernel[grid](
-            out, lse, q, k, v, seed if dropout else None,
-            *_strides(out), *_strides(q), *_strides(k), *_strides(v),
-            H, N_Q, N_KV, float(scale), float(dropout_p),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout, DOT_PRECISION=dot_precision(q.dtype), **options,
-        )  # fmt: skip
+        _launch(_arch(q.device), "fwd", grid, args, constexprs, _INTERPRETER_CONFIG, (N_Q, N_KV, q.dtype))
     return out, lse
 
 
@@ -673,20 +676,19 @@ def attention_backward(do, q, k, v, o, lse, scale, dropout_p=0.0, seed=None, dq=
     arch = _arch(q.device)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout, DOT_PRECISION=dot_precision(q.dtype),
                   RELOAD=arch < 90)  # fmt: skip
-    dq_kernel, dq_options = _kernel(arch, "dq", block_d, _INTERPRETER_CONFIG)
-    dkdv_kernel, dkdv_options = _kernel(arch, "dkdv", block_d, _INTERPRETER_DKDV_CONFIG)
+    shape = (N_Q, N_KV, q.dtype)
     with device_context(q):
         # dQ first: its prologue writes Delta = rowsum(dO * O), which the dK / dV kernel reads
-        dq_kernel[lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,)](
+        _launch(arch, "dq", lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,), (
             dq, delta, q, k, v, o, do, lse, seed,
             *_strides(dq), *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
-            H, N_Q, N_KV, float(scale), float(dropout_p), **common, **dq_options,
-        )  # fmt: skip
-        dkdv_kernel[lambda meta: (triton.cdiv(N_KV, meta["BLOCK_N"]) * B * H,)](
+            H, N_Q, N_KV, float(scale), float(dropout_p),
+        ), common, _INTERPRETER_CONFIG, shape)  # fmt: skip
+        _launch(arch, "dkdv", lambda meta: (triton.cdiv(N_KV, meta["BLOCK_N"]) * B * H,), (
             dk, dv, q, k, v, do, lse, delta, seed,
             *_strides(dk), *_strides(dv), *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            H, N_Q, N_KV, float(scale), float(dropout_p), **common, **dkdv_options,
-        )  # fmt: skip
+            H, N_Q, N_KV, float(scale), float(dropout_p),
+        ), common, _INTERPRETER_DKDV_CONFIG, shape)  # fmt: skip
     return dq, dk, dv
 
 

@@ -543,10 +543,12 @@ def _split_k(tiles: int, K: int, block_k: int, num_sms: int) -> int:
 def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     """The tile config for one GEMM: fixed under the interpreter; on CUDA the fastest candidate for this
     key (flags, dtypes, next_power_of_2(M), N, K), measured once per process, each candidate also tried
-    with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma (a
-    later call whose operands TMA cannot address loads them by pointer). Measuring reruns `launch`, which
-    is safe because every output is overwritten, never accumulated into. The pre-tuned default is used
-    without measuring while a CUDA graph is captured or when FASTVIT_AUTOTUNE=0."""
+    with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma. The
+    key does not say whether TMA could address the operands: a later call whose operands it cannot loads
+    them by pointer with the picked tile, and a key first tuned without TMA never tries it. Measuring
+    reruns `launch`, which is safe because every output is overwritten, never accumulated into. The
+    pre-tuned default is used without measuring while a CUDA graph is captured or when
+    FASTVIT_AUTOTUNE=0."""
     if is_interpreter():
         return _INTERPRETER_TILE
     if key in _tuned:
@@ -563,11 +565,14 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     default = with_splits(_default_tile(M, N, dot_dtype))[0]
     if not may_measure():
         return default
-    timings = []
+    timings, tried = [], []
     for candidate in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
         if candidate["TMA"] and not can_tma:
             continue
         for tile in with_splits(candidate):
+            if tile in tried:  # candidates that _fit_to_fusions made equal
+                continue
+            tried.append(tile)
             try:
                 timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
             except (OutOfResources, PTXASError, CompileTimeAssertionFailure):  # skipped, as triton.autotune does
@@ -599,7 +604,8 @@ def tuning_record() -> list:
 def _tma_layout(t, shape, strides):
     """How a TMA descriptor can address the 2-D operand (shape, strides) of tensor t: "direct" (its column
     stride is 1), "transposed" (its row stride is 1: the descriptor is over its transpose), or None where
-    TMA cannot (a base or row pitch not 16-byte aligned, an empty dim: triton's TensorDescriptor rules)."""
+    TMA cannot (a base or row pitch not 16-byte aligned, an empty dim: triton's TensorDescriptor rules; a
+    pitch of 0, an expanded operand, which a tensor map may not encode)."""
     (rows, cols), (row_stride, col_stride) = shape, strides
     if col_stride == 1 or cols == 1:
         layout, pitch = "direct", row_stride
@@ -607,7 +613,7 @@ def _tma_layout(t, shape, strides):
         layout, pitch = "transposed", col_stride
     else:
         return None
-    aligned = t.data_ptr() % 16 == 0 and (pitch * t.element_size()) % 16 == 0
+    aligned = t.data_ptr() % 16 == 0 and pitch > 0 and (pitch * t.element_size()) % 16 == 0
     return layout if aligned and rows > 0 and cols > 0 else None
 
 
@@ -647,7 +653,9 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
 
     can_split = trans_a and out.is_contiguous()  # the weight gradients: no epilogue to split around
     a_layout, b_layout = _tma_layout(a, (M, K), a_strides), _tma_layout(b, (K, N), b_strides)
-    can_tma = (on_gpu(out.device) and not _before_hopper(out.device) and (a_layout or b_layout) is not None
+    # TMA where the device has it (sm_90, or the interpreter when a test forces a TMA tile) and it is not
+    # switched off: a tuned TMA tile replayed elsewhere (FASTVIT_TMA=0 since, an sm_80 device) loads by pointer
+    can_tma = (not _before_hopper(out.device) and (a_layout or b_layout) is not None
                and os.environ.get("FASTVIT_TMA", "1") != "0")  # fmt: skip
     # the forward's rows are C's (forward, dx) or the reduction's (dW); samples divide them evenly
     rows_per_sample = (K if trans_a else M) // max(sample_scale.numel(), 1) if sample_scale is not None else 1
@@ -656,7 +664,7 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         tile = dict(tile)
         split = tile.pop("SPLIT_K", 1)  # (popped always: the kernel has no such argument)
         split = split if can_split else 1  # a split would cut the forward / dx GEMMs' epilogues
-        tma = tile.pop("TMA", False)
+        tma = tile.pop("TMA", False) and can_tma
         a_arg, a_desc = _operand(a, (M, K), a_strides, a_layout if tma else None, (tile["BLOCK_M"], tile["BLOCK_K"]))
         b_arg, b_desc = _operand(b, (K, N), b_strides, b_layout if tma else None, (tile["BLOCK_K"], tile["BLOCK_N"]))
         k_per_split = triton.cdiv(triton.cdiv(K, split), tile["BLOCK_K"]) * tile["BLOCK_K"]

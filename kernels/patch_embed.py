@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, autotune_picks, device_context, dot_precision, is_interpreter,
-                       may_measure, new_output, on_gpu)
+                       launch_autotuned, new_output, on_gpu)
 
 # What a GEMM dimension counts, which fixes how its index splits into digits (see _offsets).
 PATCH = tl.constexpr(0)  # index = (b * GH + ph) * GW + pw
@@ -264,6 +264,7 @@ _CUDA_CONFIGS = {
 _AUTOTUNE_KEY = ["M", "N", "K", "KIND_A_M", "KIND_A_K", "KIND_B_K", "KIND_B_N", "KIND_C_M", "KIND_C_N", "P",
                  "PREFIX", "DOT_DTYPE"]  # fmt: skip
 _AUTOTUNED = {table: triton.autotune(configs, key=_AUTOTUNE_KEY)(_patch_embed_kernel) for table, configs in _CUDA_CONFIGS.items()}
+_picks = {}  # launch key -> the triton.Config autotuning picked (kernels/_helpers.launch_autotuned)
 
 
 def tuning_record() -> list:
@@ -327,16 +328,19 @@ class _Launch:
         return "16-bit gathered" if self.gathered else "16-bit"
 
     def run(self):
-        if is_interpreter() or not may_measure():
-            # no driver to time configs with (interpreter), or no timing allowed (CUDA-graph capture,
-            # FASTVIT_AUTOTUNE=0): the fixed config / the pre-tuned default
-            config = _INTERPRETER_CONFIG if is_interpreter() else self.candidates()[0]
-            kernel, grid = _patch_embed_kernel, self.grid(config.kwargs)
-            tile = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        else:
-            kernel, grid, tile = _AUTOTUNED[self.table], self.grid, {}
+        """Under the interpreter with its fixed config; on CUDA autotuned, where timing is not allowed
+        (a CUDA-graph capture, FASTVIT_AUTOTUNE=0) with the pick made earlier for the same launch, else
+        the table's first candidate (kernels/_helpers.launch_autotuned)."""
         with device_context(self.args["C"]):
-            kernel[grid](**self.args, **self.constexprs, **tile)
+            if is_interpreter():
+                config = _INTERPRETER_CONFIG
+                _patch_embed_kernel[self.grid(config.kwargs)](**self.args, **self.constexprs, **config.all_kwargs())
+                return
+            tensors = tuple(str(t.dtype) for t in self.args.values() if isinstance(t, torch.Tensor))
+            sizes = tuple(v for v in self.args.values() if isinstance(v, int))
+            key = (self.table, tensors, sizes, tuple(sorted(self.constexprs.items())))
+            launch_autotuned(_AUTOTUNED[self.table], self.grid, (), {**self.args, **self.constexprs}, key, _picks,
+                             self.candidates()[0])  # fmt: skip
 
 
 def _plan(C, A, B, dims, sizes, *, bias=None, pos=None, cls=None, reg=None, prefix=0, pos_on_prefix=False,

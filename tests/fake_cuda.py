@@ -15,6 +15,9 @@ a launcher passing its split-K count to the kernel as a keyword would have faile
 and only this showed it without one. tests/test_cuda_launch_path.py runs it (checked with triton 3.6 and
 3.8, whose internals it patches).
 
+Not checked here: the tensor maps a real launcher encodes from TMA descriptors (cuTensorMapEncodeTiled),
+since the recorded launch replaces the launcher; kernels/linear._tma_layout keeps to what they accept.
+
 Prints one JSON object: per scenario, "ok" or the error, the launches it made and the benchmark calls.
 """
 import json
@@ -44,11 +47,12 @@ ARCH = [90]
 
 
 def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
-    """Runs the candidate twice (its compile and launch are what is checked); any consistent time will do."""
+    """Runs the candidate twice (its compile and launch are what is checked) and makes each candidate
+    faster than the one before: the last one timed wins, so a pick differs from the default (the first)."""
     fn()
     fn()
     BENCH_CALLS.append(len(LAUNCHES))
-    ms = float(len(BENCH_CALLS) % 7 + 1)
+    ms = 1000.0 - len(BENCH_CALLS)
     return [ms] * len(quantiles) if quantiles else ms
 
 
@@ -171,6 +175,28 @@ def scenarios():
         patch_embed.patch_embed_forward(torch.randn(1, 3, 32, 32, dtype=bf16), torch.randn(96, 3, 16, 16, dtype=bf16),
                                         None, torch.randn(1, 4, 96, dtype=bf16), None, None, False, bf16)  # fmt: skip
 
+    def captured_after_warm_up():
+        # each warm-up call measures (autotuning) and launches its pick last; the capture must relaunch it
+        q = torch.randn(1, 2, 77, 64, dtype=bf16)
+        x, w = torch.randn(77, 128, dtype=bf16), torch.randn(256, 128, dtype=bf16)
+        images, weight = torch.randn(1, 3, 48, 48, dtype=bf16), torch.randn(96, 3, 16, 16, dtype=bf16)
+        calls = (lambda: attention.attention_forward(q, q, q, 0.125),
+                 lambda: linear.linear_forward(x, w, None, None, None, None, None, None),
+                 lambda: patch_embed.patch_embed_forward(images, weight, None, torch.randn(1, 9, 96, dtype=bf16), None,
+                                                         None, False, bf16))  # fmt: skip
+        picked, captured = [], []
+        for call in calls:
+            call()
+            picked.append(LAUNCHES[-1][:4])  # kernel, grid, warps, stages
+        CAPTURING[0] = True
+        try:
+            for call in calls:
+                call()
+                captured.append(LAUNCHES[-1][:4])
+        finally:
+            CAPTURING[0] = False
+        return {"picked": picked, "captured": captured}
+
     regularised = dict(init_values=0.1, drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)
     return [
         ("GEMMs autotuned (LayerNorm prologue; split-K weight gradient)", gemms_autotuned, 90, False, "1"),
@@ -179,6 +205,7 @@ def scenarios():
         ("model train step + eval, fp32, dropout / drop path / layer scale, FASTVIT_AUTOTUNE=0",
          model_train_step(torch.float32, **regularised), 90, False, "0"),
         ("CUDA-graph capture, untuned shapes", captured_new_shapes, 90, True, "1"),
+        ("CUDA-graph capture after a warm-up", captured_after_warm_up, 90, False, "1"),
         ("sm_80: attention autotuned", attention_autotuned, 80, False, "1"),
         ("sm_80: model train step + eval, bf16, FASTVIT_AUTOTUNE=0", model_train_step(bf16), 80, False, "0"),
     ]  # fmt: skip

@@ -73,3 +73,12 @@ def test_ampere_autotunes_from_its_own_table(report):
     row = report["sm_80: attention autotuned"]
     assert row["arch"] == 80 and row["bench_calls"] > 0
     assert {r["kernel"] for r in row["returned"]} >= {"attention fwd sm_80", "attention dq sm_80", "attention dkdv sm_80"}
+
+
+def test_capture_after_warm_up_relaunches_the_picks(report):
+    """A graph captured after a warm-up runs the tiles the warm-up picked (the fake timer makes every pick
+    differ from its default), for the GEMM, attention and the patch embedding alike."""
+    row = report["CUDA-graph capture after a warm-up"]
+    picked, captured = row["returned"]["picked"], row["returned"]["captured"]
+    assert [p[0] for p in picked] == ["_attn_fwd_kernel", "_linear_kernel", "_patch_embed_kernel"]
+    assert captured == picked

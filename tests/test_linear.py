@@ -175,15 +175,17 @@ def test_fc2_vit_base_shape_forward():
     assert_error_within(ours, eager, ref, atol=tolerance(torch.bfloat16)[0], name="fc2 y")
 
 
-def force_tile(monkeypatch, dtype, **overrides):
+def force_tile(monkeypatch, dtype, block_n=None, **overrides):
     """Every GEMM launches with the tile the tuner would try (fitted to its fusions, as the tuner fits
     it), with `overrides` (SPLIT_K: slices where the GEMM can split; TMA): on a GPU the first candidate
-    of the dtype's list with that TMA setting, under the interpreter its fixed tile."""
+    of the dtype's list with that TMA setting (and BLOCK_N, if given), under the interpreter its fixed tile."""
     from fastvit.kernels import linear as linear_kernels
 
     candidates = linear_kernels._CANDIDATES_16 if dtype != torch.float32 else linear_kernels._CANDIDATES_32
     tile = linear_kernels._INTERPRETER_TILE if INTERPRETED else next(
-        c for c in candidates if c["TMA"] == overrides.get("TMA", False))
+        (c for c in candidates if c["TMA"] == overrides.get("TMA", False) and block_n in (None, c["BLOCK_N"])), None)
+    if tile is None:
+        pytest.skip(f"no such {dtype} candidate: TMA {overrides.get('TMA', False)}, BLOCK_N {block_n}")
     fitted = lambda key, *_: dict(linear_kernels._fit_to_fusions(tile, dict(key[0])), **overrides)  # noqa: E731
     monkeypatch.setattr(linear_kernels, "_pick_tile", fitted)
 
@@ -206,23 +208,25 @@ def test_split_k_weight_gradients(monkeypatch, spec, dtype):
         assert torch.equal(first[name], second[name]), name
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("spec", [dict(ln=True, bias=True, activation="gelu"), dict(bias=True, residual=True, layer_scale=True)],
-                         ids=["ln_fc1", "fc2_ls"])  # fmt: skip
-def test_tma_operand_loads(monkeypatch, spec, dtype):
+@pytest.mark.parametrize("block_n", [128, pytest.param(256, marks=pytest.mark.skipif(
+    INTERPRETED, reason="the interpreter runs its one fixed tile: BLOCK_N 128 covers it"))])  # fmt: skip
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [dict(ln=True, bias=True, activation="gelu"), dict(ln=True, bias=True),
+                                  dict(bias=True, residual=True, layer_scale=True)], ids=["ln_fc1", "ln_qkv", "fc2_ls"])
+def test_tma_operand_loads(monkeypatch, spec, dtype, block_n):
     """Every GEMM of a layer (forward, dx, and dW split in 3 slices) with its operands read through TMA
     tensor descriptors, as the sm_90 tuner's TMA candidates read them: in both layouts (direct: x, dy, W in
     dx; transposed: W^T in the forward, dy^T in dW), the ragged M, N, K tails read as the descriptor's zeros
-    instead of masked loads. Same flash rule against fp64. (K = 104: 16-byte-aligned rows in bf16.) On a
-    GPU the tile is the tuner's TMA candidate, forced: gpu_check.sh leaves TMA out of the benchmarks' tuning
-    if this fails."""
+    instead of masked loads; ln_qkv's weight gradient accumulates dW^T (SWAP_AB). Same flash rule against
+    fp64. (K = 104: 16-byte-aligned rows in 16-bit.) On a GPU the tiles are the tuner's TMA candidates,
+    forced: gpu_check.sh leaves TMA out of the benchmarks' tuning if this (or the autocast case) fails."""
     from fastvit.kernels import linear as linear_kernels
 
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors are sm_90's")
     layouts, operand = [], linear_kernels._operand
     monkeypatch.setattr(linear_kernels, "_operand", lambda *args: layouts.append(operand(*args)[1]) or operand(*args))
-    force_tile(monkeypatch, dtype, TMA=True, SPLIT_K=3)
+    force_tile(monkeypatch, dtype, block_n, TMA=True, SPLIT_K=3)
     check_against_fp64(397, 104, 200, spec, dtype)
     assert set(layouts) == {"direct", "transposed"}, layouts
 
@@ -240,6 +244,8 @@ def test_tma_layout_follows_the_unit_stride_and_alignment():
     odd = torch.empty(64, 44, dtype=torch.bfloat16)
     assert _tma_layout(odd, (64, 44), odd.stride()) is None  # 88-byte rows
     assert _tma_layout(x[:, ::2], (64, 24), x[:, ::2].stride()) is None  # no unit stride
+    row = x[:1].expand(64, 48)
+    assert _tma_layout(row, (64, 48), row.stride()) is None  # a pitch of 0 (expanded)
 
 
 def group_stats_reference(y):
@@ -427,9 +433,15 @@ def test_torch_compile_fullgraph():
                 assert_close(grads[name], grads_eager[name], name=f"compiled d{name}")
 
 
-def test_autocast_policy():
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma_operand_loads"])
+def test_autocast_policy(monkeypatch, tma):
     """Under bf16 autocast: fp32 params and residual stream in, GEMM in bf16, the residual add stays fp32,
-    LayerNorm reads the fp32 stream; both backends agree on dtypes and (to bf16 accuracy) values."""
+    LayerNorm reads the fp32 stream; both backends agree on dtypes and (to bf16 accuracy) values. With
+    TMA forced, the fp32 x of the LayerNorm GEMM and the bf16 W come through descriptors of two dtypes."""
+    if tma:
+        if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("TMA descriptors are sm_90's")
+        force_tile(monkeypatch, torch.bfloat16, TMA=True)
     spec = dict(bias=True, residual=True, layer_scale=True)
     ln_spec = dict(ln=True, bias=True, activation="gelu")
     results = {}
