@@ -77,7 +77,8 @@ Design:
   writes fp32 partials of dW, db and dls, summed afterwards in a fixed order: deterministic, no atomics.
 - Configs: one fixed config under the interpreter; on CUDA a measured pick among a few candidates per
   bucketed (M, N, K), dtype and flag set, cached per process, with a pre-tuned default for ViT-S/B/L
-  shapes used while a CUDA graph is being captured or when FASTVIT_AUTOTUNE=0.
+  shapes used when FASTVIT_AUTOTUNE=0, or while a CUDA graph is being captured (unless the key was
+  tuned before).
 
 Limits: dy and W may have any strides (unit last-dim strides give vector loads), and so may x without a
 LayerNorm prologue; with one, x needs a unit column stride (the statistics pass and LayerNorm's backward
@@ -585,8 +586,8 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
 def tuning_record() -> list:
     """What the CUDA tile pick measured in this process, one row per GEMM key: the fusion flags that were
     on, the dtypes (out, A, B), the bucketed M, N, K, every candidate's time in ms, the pick, and the
-    pre-tuned default (what runs under CUDA-graph capture or FASTVIT_AUTOTUNE=0) with its time when it
-    was among the candidates. Empty under the interpreter, which measures nothing."""
+    pre-tuned default (what runs with FASTVIT_AUTOTUNE=0, or in a capture before any tuning) with its
+    time when it was among the candidates. Empty under the interpreter, which measures nothing."""
     record = []
     for key, (default, timings) in _measured.items():
         flags, out_dtype, a_dtype, b_dtype, M, N, K = key
