@@ -22,7 +22,6 @@ from fastvit import weights
 from fastvit.backend import use_backend
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
-transformers = pytest.importorskip("transformers")
 
 IMG, PATCH, DIM, DEPTH, HEADS, CLASSES = 32, 8, 48, 2, 3, 5
 TINY = dict(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES)
@@ -84,6 +83,9 @@ HF_EPS = 1e-12  # transformers' ViT default layer_norm_eps; its GELU is exact, a
 
 
 def hf_model(cls_name="ViTForImageClassification", **config):
+    """A random transformers ViT of the tiny config (the Hugging Face tests skip without transformers, the
+    timm / npz ones still run)."""
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face comparisons need transformers (a test extra)")
     config = transformers.ViTConfig(
         image_size=IMG, patch_size=PATCH, num_channels=3, hidden_size=DIM, num_hidden_layers=DEPTH,
         num_attention_heads=HEADS, intermediate_size=2 * DIM, num_labels=CLASSES, **config,
