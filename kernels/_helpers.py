@@ -61,8 +61,8 @@ if is_interpreter():
 def may_measure() -> bool:
     """Whether a CUDA launcher may time candidate tile configs now (autotuning): not while a CUDA graph is
     being captured (timing synchronises the device, which capture forbids) and not with FASTVIT_AUTOTUNE=0;
-    the launchers then run their pre-tuned default (or, for the GEMMs, a pick measured earlier). Only for
-    CUDA launches: the interpreter never measures."""
+    the launchers then run the pick measured earlier for the same launch, else their pre-tuned default.
+    Only for CUDA launches: the interpreter never measures."""
     return os.environ.get("FASTVIT_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
 
 
