@@ -58,7 +58,7 @@ def environment():
 
 def tuning_record():
     """Every tile config the kernels' tuners measured and picked in this process (GEMMs: each
-    candidate's time and the pre-tuned default's; attention, patch embed: triton.autotune's picks), so
+    candidate's time and the pre-tuned default's; attention, patch embed: the autotuned picks), so
     one GPU run also says which defaults to change. Empty without a GPU."""
     from fastvit.kernels import attention, linear, patch_embed
 

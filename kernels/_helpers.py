@@ -71,7 +71,7 @@ def launch_autotuned(kernel, grid, args, kwargs, key, picks: dict, default) -> N
     picks, timing its candidates at a key's first call, and the pick is remembered in `picks` under `key`;
     where not (a CUDA-graph capture, FASTVIT_AUTOTUNE=0) the kernel under the autotuner runs with the pick
     remembered for `key`, else with `default` (a triton.Config): a graph captured after a warm-up runs the
-    tiles the warm-up ran."""
+    tiles the warm-up ran. A key starts with the kernel's name, for picks_record."""
     if may_measure():
         kernel[grid](*args, **kwargs)
         picks[key] = kernel.best_config
@@ -120,17 +120,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def autotune_picks(name: str, kernel) -> list:
-    """The configs a triton.autotune-wrapped kernel picked in this process, one row per autotune key
-    ({"kernel": name, "key": [...], "config": {...}}), for the benchmarks' tuning record; [] for a
-    kernel that is not autotuned (the interpreter's) or has not run."""
-    if not isinstance(kernel, triton.runtime.Autotuner):
-        return []
-    return [
-        {"kernel": name, "key": [str(part) for part in key],
-         "config": dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)}
-        for key, config in kernel.cache.items()
-    ]  # fmt: skip
+def picks_record(picks: dict) -> list:
+    """The picks launch_autotuned remembered, one row per launch key ({"kernel": the key's first part,
+    "key": the rest as strings, "config": the launch options}), for the benchmarks' tuning record."""
+    return [{"kernel": key[0], "key": [str(part) for part in key[1:]], "config": config.all_kwargs()}
+            for key, config in picks.items()]  # fmt: skip
 
 
 TORCH_TO_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}

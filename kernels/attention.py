@@ -55,8 +55,8 @@ counter query_row * Nk + key_col stays int32: sequences up to 46340 tokens get d
 
 Caution: @triton.autotune runs only on CUDA (the interpreter has no driver); under the interpreter the
 launchers pick one fixed config, and where no timing is allowed (a CUDA-graph capture, FASTVIT_AUTOTUNE=0)
-the pick made earlier for the same launch, else the first candidate of the table. Each arch has its own table (_ARCH_TABLES, chosen from the device's
-compute capability at launch): the defaults compile with no spills at d = 64, 80 and 128 for the arch
+the pick made earlier for the same launch, else the first candidate of the table. Each arch has its own
+table (_ARCH_TABLES, chosen from the device's compute capability at launch): the defaults compile with no spills at d = 64, 80 and 128 for the arch
 that runs them, with HGMMA on sm_90. Ampere's backward reloads its resident operands every step
 (RELOAD): holding them in registers for mma.sync spills at BLOCK_D = 128. fp32 dots use
 kernels/_helpers.dot_precision (IEEE unless torch allows TF32).
@@ -67,8 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import (autotune_picks, device_context, dot_precision, is_interpreter, launch_autotuned, new_output,
-                       on_gpu)
+from ._helpers import (device_context, dot_precision, is_interpreter, launch_autotuned, new_output, on_gpu,
+                       picks_record)
 
 MAX_HEAD_DIM = 256
 LOG2E = math.log2(math.e)
@@ -584,10 +584,9 @@ _TUNED = {arch: {name: _tuned(_KERNEL_FUNCTIONS[name], table) for name, table in
 
 
 def tuning_record() -> list:
-    """The tiles triton.autotune picked in this process for each attention kernel, arch and key
-    (kernels/_helpers.autotune_picks); empty under the interpreter."""
-    return [row for arch, kernels in _TUNED.items() for name, kernel in kernels.items()
-            for row in autotune_picks(f"attention {name} sm_{arch}", kernel)]  # fmt: skip
+    """The tiles autotuning picked in this process, per attention kernel, arch and launch key
+    (kernels/_helpers.picks_record); empty under the interpreter."""
+    return picks_record(_picks)
 
 
 def _arch(device) -> int:
@@ -611,7 +610,7 @@ def _launch(arch, name, grid, args, constexprs, interpreter_config, shape):
         return
     block_m, block_n, num_warps, num_stages = _table_row(_ARCH_TABLES[arch][name], constexprs["BLOCK_D"])[0]
     default = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-    key = (arch, name, shape, tuple(sorted(constexprs.items())))
+    key = (f"attention {name} sm_{arch}", shape, tuple(sorted(constexprs.items())))
     launch_autotuned(tuned, grid, args, constexprs, key, _picks, default)
 
 

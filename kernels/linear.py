@@ -684,7 +684,8 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
             c.stride(0) if splits > 1 else 0, *(stats_in.stride() if stats_in is not None else (0, 0, 0)),
             M, N, K, k_per_split, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, eps, **flags,
-            EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0, A_DESC=a_desc, B_DESC=b_desc, ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
+            EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0, A_DESC=a_desc, B_DESC=b_desc,
+            ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
         )  # fmt: skip
         if splits > 1:
             for total, partials in zip((out, row_sum, row_sum_u), targets):

@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, autotune_picks, device_context, dot_precision, is_interpreter,
-                       launch_autotuned, new_output, on_gpu)
+from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter,
+                       launch_autotuned, new_output, on_gpu, picks_record)
 
 # What a GEMM dimension counts, which fixes how its index splits into digits (see _offsets).
 PATCH = tl.constexpr(0)  # index = (b * GH + ph) * GW + pw
@@ -268,9 +268,9 @@ _picks = {}  # launch key -> the triton.Config autotuning picked (kernels/_helpe
 
 
 def tuning_record() -> list:
-    """The tiles triton.autotune picked in this process per candidate table and key
-    (kernels/_helpers.autotune_picks); empty under the interpreter."""
-    return [row for table, kernel in _AUTOTUNED.items() for row in autotune_picks(f"patch_embed {table}", kernel)]
+    """The tiles autotuning picked in this process, per candidate table and launch key
+    (kernels/_helpers.picks_record); empty under the interpreter."""
+    return picks_record(_picks)
 
 
 def _patch_dim(stride_b, stride_ph, stride_pw, grid):
@@ -338,7 +338,7 @@ class _Launch:
                 return
             tensors = tuple(str(t.dtype) for t in self.args.values() if isinstance(t, torch.Tensor))
             sizes = tuple(v for v in self.args.values() if isinstance(v, int))
-            key = (self.table, tensors, sizes, tuple(sorted(self.constexprs.items())))
+            key = (f"patch_embed {self.table}", tensors, sizes, tuple(sorted(self.constexprs.items())))
             launch_autotuned(_AUTOTUNED[self.table], self.grid, (), {**self.args, **self.constexprs}, key, _picks,
                              self.candidates()[0])  # fmt: skip
 

@@ -95,19 +95,19 @@ def test_tuning_record_reaches_markdown_and_short_table(report, tmp_path, capsys
     assert "(1.50x the pick)" in capsys.readouterr().out
 
 
-def test_autotune_picks_reads_what_triton_autotune_cached():
-    """kernels/_helpers.autotune_picks on a real triton.autotune wrapper (its cache filled as a GPU run
-    would: the interpreter cannot benchmark); an un-autotuned kernel has no picks."""
+def test_picks_record_lists_what_launch_autotuned_remembered():
+    """kernels/_helpers.picks_record on picks as launch_autotuned remembers them (a GPU run's: the
+    interpreter cannot benchmark): the key's first part names the kernel, the config its launch options."""
     import triton
 
     from fastvit.kernels import attention, linear, patch_embed
-    from fastvit.kernels._helpers import autotune_picks
+    from fastvit.kernels._helpers import picks_record
 
-    configs = [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2), triton.Config({"BLOCK_M": 32}, num_warps=8)]
-    tuned = triton.autotune(configs, key=["N"])(patch_embed._patch_embed_kernel)
-    tuned.cache[(197, "torch.bfloat16")] = configs[1]
-    assert autotune_picks("k", tuned) == [{"kernel": "k", "key": ["197", "torch.bfloat16"],
-                                           "config": {"BLOCK_M": 32, "num_warps": 8, "num_stages": configs[1].num_stages}}]  # fmt: skip
-    assert autotune_picks("k", patch_embed._patch_embed_kernel) == []
+    config = triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=2)
+    record = picks_record({("attention fwd sm_90", (197, 197, "torch.bfloat16"), (("BLOCK_D", 64),)): config})
+    assert record == [{"kernel": "attention fwd sm_90", "key": ["(197, 197, 'torch.bfloat16')", "(('BLOCK_D', 64),)"],
+                       "config": config.all_kwargs()}]  # fmt: skip
+    assert record[0]["config"]["BLOCK_M"] == 32 and record[0]["config"]["num_warps"] == 8
+    json.dumps(record)  # goes into the benchmarks' JSON
     if INTERPRETED:  # nothing is measured: the records the benchmarks store are empty, not an error
         assert attention.tuning_record() == [] and linear.tuning_record() == [] and patch_embed.tuning_record() == []
