@@ -2,7 +2,8 @@
 (each input read once, each output written once) per call, and which ceiling binds on a given GPU.
 
 Used by the benchmarks for TFLOP/s, GB/s and % of peak, and by `python benchmarks/roofline.py` which
-prints the markdown table of benchmarks/README.md (DESIGN.md section 6, recomputed):
+prints the markdown tables of benchmarks/README.md (DESIGN.md section 6, recomputed, and what issue 6's
+inference target asks of the GEMMs):
 
     python benchmarks/roofline.py [--peak-tflops 790] [--peak-gbps 4300]
 
@@ -105,6 +106,43 @@ def train_step_flops(vit: ViT, B):
     return 3 * model_forward(vit, B)[0]
 
 
+def compiled_timm_extra_bytes(vit: ViT, B, s=BF16):
+    """HBM bytes a torch.compile(timm) forward moves outside its GEMMs and attention. Inductor's default
+    mode runs every Linear on cuBLAS (bias inside addmm) and cannot fuse a pointwise epilogue into it, so
+    each block keeps two residual-add + LayerNorm kernels (read x and the branch, write their sum and its
+    normalised copy) and GELU after fc1 (read and write the 4D-wide hidden activation)."""
+    M, D = B * vit.tokens, vit.embed_dim
+    return vit.depth * (2 * 4 * M * D + 2 * M * vit.mlp_ratio * D) * s
+
+
+def fastvit_extra_bytes(vit: ViT, B, s=BF16):
+    """HBM bytes a fastvit forward moves outside its GEMMs and attention: the first block's LayerNorm
+    statistics pass (read x, write fp32 mean / rstd) and the statistics each residual GEMM hands to the
+    next LayerNorm GEMM (an fp32 (mean, M2) pair per row per 64 columns, written once and read once)."""
+    M, D = B * vit.tokens, vit.embed_dim
+    return M * D * s + 8 * M + vit.depth * 2 * (2 * 8 * M * -(-D // 64))
+
+
+def inference_target(vit: ViT, B, cublas_fraction, speedup=1.3, peak_tflops=790.0, peak_gbps=4300.0):
+    """What a forward `speedup` x faster than torch.compile(timm) asks of fastvit's GEMMs, in a model where
+    both run attention at its memory roofline (both are flash kernels) and every other byte at peak
+    bandwidth, and compiled timm's GEMMs (patch embedding included) run at cublas_fraction of peak.
+    Returns milliseconds per forward for compiled timm and for fastvit with cuBLAS's GEMM rate (fusion
+    alone), and the GEMM rate fastvit needs for the speedup, as a fraction of peak and of cuBLAS's."""
+    flops = model_forward(vit, B)[0]
+    attention_flops, attention_bytes = attention(B, vit.num_heads, vit.tokens, vit.embed_dim // vit.num_heads)
+    gemm_flops = flops - vit.depth * attention_flops
+    attention_s = vit.depth * attention_bytes / (peak_gbps * 1e9)
+    gemm_s = gemm_flops / (cublas_fraction * peak_tflops * 1e12)
+    compiled_s = gemm_s + attention_s + compiled_timm_extra_bytes(vit, B) / (peak_gbps * 1e9)
+    fastvit_other_s = attention_s + fastvit_extra_bytes(vit, B) / (peak_gbps * 1e9)
+    needed_gemm_s = compiled_s / speedup - fastvit_other_s
+    needed_fraction = gemm_flops / needed_gemm_s / (peak_tflops * 1e12)
+    return dict(compiled_ms=compiled_s * 1e3, fused_at_cublas_rate_ms=(gemm_s + fastvit_other_s) * 1e3,
+                needed_gemm_fraction=needed_fraction, needed_vs_cublas=needed_fraction / cublas_fraction,
+                needed_mfu=flops * speedup / compiled_s / (peak_tflops * 1e12))  # fmt: skip
+
+
 def bound(flops, nbytes, peak_tflops, peak_gbps):
     """'memory' or 'compute', and the roofline time in microseconds."""
     memory_us, compute_us = nbytes / peak_gbps / 1e3, flops / peak_tflops / 1e6
@@ -138,6 +176,15 @@ def markdown(peak_tflops=790.0, peak_gbps=4300.0):
     lines += ["", f"ViT-B/16 forward: {model_forward(vit, 1)[0] / 1e9:.1f} GFLOP/image; "
               f"ideal {peak_tflops * 1e12 / model_forward(vit, 1)[0]:,.0f} img/s inference and "
               f"{peak_tflops * 1e12 / train_step_flops(vit, 1):,.0f} img/s training at the peak."]  # fmt: skip
+    lines += ["", "ViT-B/16 inference at batch 256 against torch.compile(timm), modelled (inference_target):", "",
+              "| cuBLAS GEMMs at | compiled timm | fastvit, GEMMs at cuBLAS's rate | speedup from fusion alone "
+              "| GEMM rate 1.3x needs | = x cuBLAS | MFU at 1.3x |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for fraction in (0.5, 0.6, 0.7, 0.8):
+        t = inference_target(vit, 256, fraction, 1.3, peak_tflops, peak_gbps)
+        lines.append(f"| {fraction:.0%} of peak | {t['compiled_ms']:.1f} ms | {t['fused_at_cublas_rate_ms']:.1f} ms "
+                     f"| {t['compiled_ms'] / t['fused_at_cublas_rate_ms']:.2f}x | {t['needed_gemm_fraction']:.0%} of peak "
+                     f"| {t['needed_vs_cublas']:.2f}x | {t['needed_mfu']:.0%} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """benchmarks/report.py: the tables and the issues' target verdicts it renders from a GPU run's JSON
-(synthetic results here: the renderer's logic, not a measurement)."""
+(synthetic results here: the renderer's logic, not a measurement); benchmarks/roofline.py's model of
+what the targets ask."""
 import importlib.util
 import json
 from pathlib import Path
@@ -7,15 +8,19 @@ from pathlib import Path
 import pytest
 from conftest import INTERPRETED
 
-REPORT = Path(__file__).parent.parent / "benchmarks" / "report.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"fastvit_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("fastvit_bench_report", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("report")
 
 
 def result(group, provider, median_ms, **info):
@@ -111,3 +116,21 @@ def test_picks_record_lists_what_launch_autotuned_remembered():
     json.dumps(record)  # goes into the benchmarks' JSON
     if INTERPRETED:  # nothing is measured: the records the benchmarks store are empty, not an error
         assert attention.tuning_record() == [] and linear.tuning_record() == [] and patch_embed.tuning_record() == []
+
+
+def test_inference_target_model_is_consistent():
+    """roofline.inference_target: compiled timm's extra passes are 16 activation-sized bf16 elements per
+    token per block (14.9 GB at ViT-B batch 256); asking for exactly the speedup fusion gives needs exactly
+    cuBLAS's GEMM rate; a larger speedup needs a faster GEMM; the MFU follows from the model's FLOPs."""
+    roofline = load("roofline")
+    vit = roofline.VITS["base"]
+    assert roofline.compiled_timm_extra_bytes(vit, 256) == 12 * 16 * 256 * 197 * 768 * 2
+    for fraction in (0.5, 0.8):
+        t = roofline.inference_target(vit, 256, fraction)
+        fusion_alone = t["compiled_ms"] / t["fused_at_cublas_rate_ms"]
+        assert 1.0 < fusion_alone < 1.3 and t["needed_vs_cublas"] > 1.0
+        at_fusion = roofline.inference_target(vit, 256, fraction, speedup=fusion_alone)
+        assert at_fusion["needed_vs_cublas"] == pytest.approx(1.0)
+        flops = roofline.model_forward(vit, 256)[0]
+        assert t["needed_mfu"] == pytest.approx(flops / (t["compiled_ms"] / 1.3 * 1e-3) / 790e12)
+    assert "| 60% of peak |" in roofline.markdown()
