@@ -43,7 +43,7 @@ KERNELS_PACKAGE = "fastvit.kernels"
 ROW_KEYS = (
     "kernel", "module", "config", "num_warps", "num_stages", "arch", "kind", "compiled", "error",
     "registers", "spills", "shared_memory", "max_shared_memory", "has_hgmma", "has_hmma", "wgmma_serialized",
-    "async_wgmma", "compile_s",
+    "async_wgmma", "ieee_fp32", "compile_s",
 )  # fmt: skip
 NO_CONFIG = "no production config"
 
@@ -177,7 +177,7 @@ def _compile_row(module_name, index, arch):
     row = _row(
         kernel=jit.fn.__name__, module=module_name, config=cfg.label, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, arch=f"sm_{arch}", kind=cfg.kind, compiled=False,
-        max_shared_memory=MAX_SHARED_MEMORY.get(arch), async_wgmma=cfg.async_wgmma,
+        max_shared_memory=MAX_SHARED_MEMORY.get(arch), async_wgmma=cfg.async_wgmma, ieee_fp32=cfg.ieee_fp32,
     )  # fmt: skip
     start = time.perf_counter()
     try:
@@ -269,7 +269,7 @@ def problems(row):
         found.append(f"{row['spills']} bytes of register spills")
     if row["max_shared_memory"] is not None and row["shared_memory"] > row["max_shared_memory"]:
         found.append(f"shared memory {row['shared_memory']} B > {row['max_shared_memory']} B")
-    if row["kind"] in ("gemm", "attention"):
+    if row["kind"] in ("gemm", "attention") and not row["ieee_fp32"]:  # IEEE fp32 dots have no tensor-core path
         if row["arch"] == "sm_90" and not row["has_hgmma"]:
             found.append("no HGMMA (wgmma) in sm_90 SASS")
         if row["arch"] == "sm_90" and row["async_wgmma"] and row["wgmma_serialized"]:

@@ -9,6 +9,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Tests flip this on so every output buffer a launcher allocates starts as NaN: a kernel that forgets
 # to write an element then fails its parity test instead of passing on whatever torch.empty returned.
@@ -151,6 +152,12 @@ class KernelConfig:
     archs: tuple = (90, 80)  # the compute capabilities whose launchers pick this config
     # the sm_90 loop must keep wgmma groups in flight (fastvit.inspect flags a serialised one as a problem)
     async_wgmma: bool = False
+
+    @property
+    def ieee_fp32(self) -> bool:
+        """Whether the config's dots are IEEE fp32 (torch's default fp32 matmul precision), which no
+        tensor core runs: they go to the FMA units, so HGMMA / HMMA is not expected of them."""
+        return self.constexprs.get("DOT_PRECISION") == "ieee" and self.constexprs.get("DOT_DTYPE") == tl.float32
 
     def signature(self) -> dict:
         """The full `triton.compile` signature: every kernel argument in order, constexprs marked."""

@@ -72,6 +72,8 @@ def _clean_row(**changes):
     ({"has_hgmma": False}, "HGMMA"),
     ({"arch": "sm_80", "has_hgmma": False}, "HMMA"),
     ({"kind": "rowwise", "has_hgmma": False}, None),
+    ({"ieee_fp32": True, "has_hgmma": False}, None),
+    ({"ieee_fp32": True, "arch": "sm_80", "has_hgmma": False}, None),
     ({"wgmma_serialized": True}, None),  # no promise made
     ({"wgmma_serialized": True, "async_wgmma": True}, "serialised"),
     ({"wgmma_serialized": False, "async_wgmma": True}, None),
