@@ -190,6 +190,41 @@ def force_tile(monkeypatch, dtype, block_n=None, **overrides):
     monkeypatch.setattr(linear_kernels, "_pick_tile", fitted)
 
 
+def wide_tiles(monkeypatch, dtype):
+    """Every GEMM runs 128 x 256 tiles, whose epilogue is finished as two 128-column halves: under the
+    interpreter its fixed tile widened, on a GPU the tuner's 128 x 256 candidate (16-bit operands only)."""
+    from fastvit.kernels import linear as linear_kernels
+
+    if INTERPRETED:
+        monkeypatch.setitem(linear_kernels._INTERPRETER_TILE, "BLOCK_N", 256)
+    else:
+        force_tile(monkeypatch, dtype, 256)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("spec", [
+    dict(ln=True, bias=True, activation="gelu"),
+    dict(bias=True, activation="gelu", residual=True, layer_scale=True, sample_scale=(0.0, 2.0)),
+], ids=["ln_fc1", "fc2_ls_stochastic_depth"])  # fmt: skip
+def test_wide_tiles_finish_the_epilogue_in_halves(monkeypatch, spec, dtype):
+    """128 x 256 tiles, their epilogue finished as two column halves (kernels/linear.py), at N = 300: the
+    first column block fills both halves, the second part of its left half (its right half is all
+    padding). Output and every gradient against fp64 by the flash rule; the statistics a residual GEMM
+    emits are those of its stored output."""
+    wide_tiles(monkeypatch, dtype)
+    if "sample_scale" in spec:
+        spec = dict(spec, sample_scale=torch.tensor(spec["sample_scale"], device=DEVICE))
+    check_against_fp64(75, 104, 300, spec, dtype, lead=(2,))
+    if spec.get("residual"):
+        inputs = make_inputs(75, 104, 300, spec, dtype, lead=(2,))
+        with use_backend("triton"):
+            y, stats = linear(inputs["x"], inputs["weight"], inputs["bias"], "gelu", inputs["residual"] + 100,
+                              inputs["layer_scale"], return_stats=True)  # fmt: skip
+        expected = group_stats_reference(y).reshape(stats.shape)
+        assert_close(stats[0], expected[0].float(), atol=1e-5, rtol=1e-6, name="group means")
+        assert_close(stats[1], expected[1].float(), atol=1e-4, rtol=1e-4, name="group M2")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("spec", [dict(ln=True, bias=True, activation="gelu"), dict(ln=True, bias=True),
                                   dict(bias=True, residual=True, layer_scale=True)], ids=["ln_fc1", "ln_qkv", "fc2_ls"])

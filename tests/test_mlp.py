@@ -15,6 +15,7 @@ from fastvit import count_launches
 from fastvit.backend import use_backend
 from fastvit.ops import layer_norm_linear, layer_norm_mlp, linear
 from fastvit.ops.mlp import _mlp_bwd, _mlp_fwd
+from test_linear import wide_tiles
 
 PIECES = ("ln_weight", "ln_bias", "fc1_bias", "fc2_bias", "residual", "layer_scale")
 
@@ -92,6 +93,14 @@ def test_output_and_every_gradient_against_fp64(activation, sample_scale, dtype)
         assert_error_within(actual, base, expected, atol=atol, name=f"{name} {activation} {dtype}")
 
 
+def test_wide_tiles_against_fp64(monkeypatch):
+    """With 128 x 256 tiles, whose epilogues are finished as two column halves: fc1's (GELU, its saved
+    pre-activation), fc2's (layer scale, stochastic depth, residual) and fc2's dx GEMM's, which forms
+    GELU's gradient there (hidden = 200: the right half partly padding)."""
+    wide_tiles(monkeypatch, torch.bfloat16)
+    test_output_and_every_gradient_against_fp64("gelu", (0.0, 2.5), torch.bfloat16)
+
+
 @pytest.mark.parametrize("omit", [(), ("residual", "layer_scale"), ("ln_weight", "ln_bias", "fc1_bias", "fc2_bias")],
                          ids=["all", "no-residual-no-scale", "no-affine-no-bias"])  # fmt: skip
 @pytest.mark.parametrize("activation", ["gelu", None])
@@ -130,10 +139,14 @@ def test_statistics_hand_off_and_launches():
     assert backward.by_kernel == {"_linear_kernel": 4, "_layer_norm_bwd_kernel": 1}, backward
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["default-tiles", "128x256-tiles"])
 @pytest.mark.parametrize("hidden_p, p", [(0.0, 0.3), (0.4, 0.0), (0.4, 0.3)])
-def test_dropouts_match_the_two_ops(hidden_p, p):
+def test_dropouts_match_the_two_ops(monkeypatch, hidden_p, p, wide):
     """Each dropout draws one seed from torch's generator (the hidden one first), as the two ops do: the
-    same masks forward, and backward the hidden mask regenerated in fc2's dx epilogue."""
+    same masks forward, and backward the hidden mask regenerated in fc2's dx epilogue (with wide tiles:
+    in each column half of it)."""
+    if wide:
+        wide_tiles(monkeypatch, torch.float32)
     inputs = make_inputs(17, 64, 200, 48, torch.float32)
     grad_out = torch.randn(2, 17, 48, device=DEVICE)
     runs = []
