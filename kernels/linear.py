@@ -76,7 +76,7 @@ Design:
   reduction into slices (a second grid axis; _split_k sizes it to about one wave of SMs). Each slice
   writes fp32 partials of dW, db and dls, summed afterwards in a fixed order: deterministic, no atomics.
 - Configs: one fixed config under the interpreter; on CUDA a measured pick among a few candidates per
-  bucketed (M, N, K), dtype and flag set, cached per process, with a pre-tuned default for ViT-S/B/L
+  bucketed (M, N, K), dtype and flag set (their kernels compiled concurrently first), cached per process, with a pre-tuned default for ViT-S/B/L
   shapes used when FASTVIT_AUTOTUNE=0, or while a CUDA graph is being captured (unless the key was
   tuned before).
 
@@ -85,7 +85,10 @@ LayerNorm prologue; with one, x needs a unit column stride (the statistics pass 
 read whole rows), as do the residual and the saved z; outputs are contiguous; offsets are int64. The ops
 in fastvit/ops hand over rows with a unit column stride (rows_view copies any other).
 """
+import contextlib
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -517,6 +520,7 @@ _CANDIDATES_32 = [dict(zip(_TILE_KEYS, t)) for t in (
     (128, 128, 32, 8, 8, 3, False), (128, 64, 32, 8, 4, 3, False), (64, 128, 32, 8, 4, 3, False),
     (64, 64, 32, 8, 4, 3, False), (128, 128, 32, 8, 8, 3, True),
 )]
+_COMPILE_FAILURES = (OutOfResources, PTXASError, CompileTimeAssertionFailure)  # a candidate the tuner skips
 _tuned = {}  # tile pick key -> the tile measured fastest
 _measured = {}  # tile pick key -> (the pre-tuned default, [(ms, tile) for every candidate timed])
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -602,21 +606,32 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     default = with_splits(_default_tile(M, N, dot_dtype))[0]
     if not may_measure():
         return default
-    timings, tried = [], []
+    tiles = []
     for candidate in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
-        if candidate["TMA"] and not can_tma:
+        if not candidate["TMA"] or can_tma:
+            tiles += [tile for tile in with_splits(candidate) if tile not in tiles]  # fitting may make equals
+    _compile_concurrently(launch, tiles)
+    timings = []
+    for tile in tiles:
+        try:
+            timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
+        except _COMPILE_FAILURES:  # skipped, as triton.autotune does
             continue
-        for tile in with_splits(candidate):
-            if tile in tried:  # candidates that _fit_to_fusions made equal
-                continue
-            tried.append(tile)
-            try:
-                timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
-            except (OutOfResources, PTXASError, CompileTimeAssertionFailure):  # skipped, as triton.autotune does
-                continue
     _tuned[key] = min(timings)[2] if timings else default
     _measured[key] = default, [(ms, tile) for ms, _, tile in timings]
     return _tuned[key]
+
+
+def _compile_concurrently(launch, tiles):
+    """Compile the kernel of every candidate tile at once, on a thread pool (triton.AsyncCompileMode: most
+    of Triton's compile and all of ptxas run outside the GIL), so that tuning a GEMM costs about one
+    compile instead of one per candidate (7-12, ~1-2 s each). A candidate that fails to compile is left
+    to fail again at its timed launch, where it is skipped."""
+    workers = min(len(tiles), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+        for tile in tiles:
+            with contextlib.suppress(*_COMPILE_FAILURES):
+                launch(tile, compile_only=True)
 
 
 def tuning_record() -> list:
@@ -697,7 +712,8 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
     # the forward's rows are C's (forward, dx) or the reduction's (dW); samples divide them evenly
     rows_per_sample = (K if trans_a else M) // max(sample_scale.numel(), 1) if sample_scale is not None else 1
 
-    def launch(tile):
+    def launch(tile, compile_only=False):
+        """Run the GEMM with `tile`; with compile_only, only compile its kernel (JITFunction.warmup)."""
         tile = dict(tile)
         split = tile.pop("SPLIT_K", 1)  # (popped always: the kernel has no such argument)
         split = split if can_split else 1  # a split would cut the forward / dx GEMMs' epilogues
@@ -714,7 +730,8 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
                             for t in targets)  # fmt: skip
         c, c_row_sum, c_row_sum_u = targets
         grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), splits)
-        _linear_kernel[grid](
+        run = functools.partial(_linear_kernel.warmup, grid=grid) if compile_only else _linear_kernel[grid]
+        run(
             c, preact, c_row_sum, c_row_sum_u, stats_out, a_arg, b_arg, bias, residual, scale, sample_scale, ln_weight,
             ln_bias, mean, rstd, stats_in, seed, preact_seed, z, out.stride(0), *a_strides, *b_strides,
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
@@ -723,7 +740,7 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
             EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0, A_DESC=a_desc, B_DESC=b_desc,
             ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,
         )  # fmt: skip
-        if splits > 1:
+        if splits > 1 and not compile_only:
             for total, partials in zip((out, row_sum, row_sum_u), targets):
                 if total is not None:
                     total.copy_(partials.sum(0))
