@@ -18,7 +18,8 @@ and only this showed it without one. tests/test_cuda_launch_path.py runs it (che
 Not checked here: the tensor maps a real launcher encodes from TMA descriptors (cuTensorMapEncodeTiled),
 since the recorded launch replaces the launcher; kernels/linear._tma_layout keeps to what they accept.
 
-Prints one JSON object: per scenario, "ok" or the error, the launches it made and the benchmark calls.
+Prints one JSON object: per scenario, "ok" or the error, the launches it made, the benchmark calls and
+the JIT's compiles (each marked when a warm-up asked for it).
 """
 import json
 import os
@@ -37,11 +38,13 @@ from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
 from triton.compiler import compiler  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 DEVICES = {90: 0, 80: 1}  # arch -> fake device id (Triton caches compiled kernels per device)
 SHARED_MEMORY = {90: 232448, 80: 166912}  # bytes a block may opt into: H200, A100
 LAUNCHES = []  # (kernel name, grid, num_warps, num_stages, shared memory bytes)
 BENCH_CALLS = []
+COMPILES = []  # (kernel name, whether a warm-up asked for it): every kernel the JIT did not have in memory
 CAPTURING = [False]
 ARCH = [90]
 
@@ -106,8 +109,17 @@ def _launcher(self):
     return launch
 
 
+def _recording_compile(do_compile):
+    def compile_and_record(self, key, signature, device, constexprs, options, attrs, warmup):
+        COMPILES.append((self.fn.__name__, warmup))
+        return do_compile(self, key, signature, device, constexprs, options, attrs, warmup)
+
+    return compile_and_record
+
+
 def install():
     driver.set_active(FakeCudaDriver())
+    JITFunction._do_compile = _recording_compile(JITFunction._do_compile)
     compiler.CompiledKernel._init_handles = _load
     compiler.CompiledKernel.run = property(_launcher)
     triton.testing.do_bench = fake_do_bench
@@ -216,7 +228,7 @@ def main():
     for name, fn, arch, capturing, autotune in scenarios():
         ARCH[0], CAPTURING[0] = arch, capturing
         os.environ["FASTVIT_AUTOTUNE"] = autotune
-        launches, bench_calls, start = len(LAUNCHES), len(BENCH_CALLS), time.perf_counter()
+        launches, bench_calls, compiles, start = len(LAUNCHES), len(BENCH_CALLS), len(COMPILES), time.perf_counter()
         row = {"scenario": name}
         try:
             row["returned"] = fn()
@@ -225,7 +237,7 @@ def main():
             row["ok"] = False
             row["error"] = "".join(traceback.format_exception(error, limit=-6))
         row.update(arch=arch, launches=LAUNCHES[launches:], bench_calls=len(BENCH_CALLS) - bench_calls,
-                   seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+                   compiles=COMPILES[compiles:], seconds=round(time.perf_counter() - start, 1))  # fmt: skip
         report.append(row)
     print(json.dumps(report, default=str))
 

@@ -45,6 +45,10 @@ def test_gemm_tuner_times_every_candidate_with_tma_and_split_k(report):
     assert 1 in splits and max(splits) > 1, splits
     assert row["bench_calls"] == len(forward["candidates"]) + len(weight_grad["candidates"])
     assert any(grid[1] > 1 for name, grid, *_ in row["launches"] if name == "_linear_kernel")  # a split launch
+    # the tuner compiles every candidate in its concurrent warm-up (JITFunction.warmup in a thread pool),
+    # with the specialisation of the launches it then times: none of them compiles again
+    gemm_compiles = [warmup for name, warmup in row["compiles"] if name == "_linear_kernel"]
+    assert len(gemm_compiles) == row["bench_calls"] and all(gemm_compiles), row["compiles"]
 
 
 def test_triton_autotune_picks_attention_and_patch_embed_tiles(report):
