@@ -6,10 +6,13 @@ Nothing here imports fastvit: the dependency arrow is fastvit/ -> kernels/ -> tr
 import contextlib
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 # Tests flip this on so every output buffer a launcher allocates starts as NaN: a kernel that forgets
 # to write an element then fails its parity test instead of passing on whatever torch.empty returned.
@@ -67,13 +70,31 @@ def may_measure() -> bool:
     return os.environ.get("FASTVIT_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
 
 
+# what makes a tuner skip a candidate tile, as triton.autotune does
+COMPILE_FAILURES = (OutOfResources, PTXASError, CompileTimeAssertionFailure)
+
+
+def compile_concurrently(warm_ups) -> None:
+    """Call each compile-only function of `warm_ups` (a JITFunction's or an Autotuner's .warmup) with the
+    compiles on a thread pool (triton.AsyncCompileMode: most of Triton's compile and all of ptxas run
+    outside the GIL), so that tuning costs about one compile instead of one per candidate (~1-2 s each).
+    A candidate that fails to compile is left to fail again at its timed launch, where the tuner skips it."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+        for warm_up in warm_ups:
+            with contextlib.suppress(*COMPILE_FAILURES):
+                warm_up()
+
+
 def launch_autotuned(kernel, grid, args, kwargs, key, picks: dict, default) -> None:
     """Launch a triton.autotune-wrapped kernel on CUDA. Where timing is allowed (may_measure) triton.autotune
     picks, timing its candidates at a key's first call, and the pick is remembered in `picks` under `key`;
     where not (a CUDA-graph capture, FASTVIT_AUTOTUNE=0) the kernel under the autotuner runs with the pick
     remembered for `key`, else with `default` (a triton.Config): a graph captured after a warm-up runs the
-    tiles the warm-up ran. A key starts with the kernel's name, for picks_record."""
+    tiles the warm-up ran. A key starts with the kernel's name, for picks_record. A key's first call
+    compiles every candidate concurrently before triton.autotune times them."""
     if may_measure():
+        if key not in picks:
+            compile_concurrently([lambda: kernel.warmup(*args, grid=grid, **kwargs)])
         kernel[grid](*args, **kwargs)
         picks[key] = kernel.best_config
     else:

@@ -85,20 +85,16 @@ LayerNorm prologue; with one, x needs a unit column stride (the statistics pass 
 read whole rows), as do the residual and the saved z; outputs are contiguous; offsets are int64. The ops
 in fastvit/ops hand over rows with a unit column stride (rows_view copies any other).
 """
-import contextlib
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompileTimeAssertionFailure
-from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._helpers import (TORCH_TO_TRITON_DTYPE, KernelConfig, device_context, dot_precision, is_interpreter, may_measure,
-                       new_output, on_gpu)
+from ._helpers import (COMPILE_FAILURES, TORCH_TO_TRITON_DTYPE, KernelConfig, compile_concurrently, device_context,
+                       dot_precision, is_interpreter, may_measure, new_output, on_gpu)
 from .layer_norm import _config as layer_norm_config
 from .layer_norm import layer_norm_backward
 
@@ -520,7 +516,6 @@ _CANDIDATES_32 = [dict(zip(_TILE_KEYS, t)) for t in (
     (128, 128, 32, 8, 8, 3, False), (128, 64, 32, 8, 4, 3, False), (64, 128, 32, 8, 4, 3, False),
     (64, 64, 32, 8, 4, 3, False), (128, 128, 32, 8, 8, 3, True),
 )]
-_COMPILE_FAILURES = (OutOfResources, PTXASError, CompileTimeAssertionFailure)  # a candidate the tuner skips
 _tuned = {}  # tile pick key -> the tile measured fastest
 _measured = {}  # tile pick key -> (the pre-tuned default, [(ms, tile) for every candidate timed])
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -584,9 +579,10 @@ def _split_k(tiles: int, K: int, block_k: int, num_sms: int) -> int:
 def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     """The tile config for one GEMM: fixed under the interpreter; on CUDA the fastest candidate for this
     key (flags, dtypes, next_power_of_2(M), N, K), measured once per process, each candidate also tried
-    with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma. The
-    key does not say whether TMA could address the operands: a later call whose operands it cannot loads
-    them by pointer with the picked tile, and a key first tuned without TMA never tries it. Measuring
+    with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma, all
+    compiled at once before any is timed (kernels/_helpers.compile_concurrently). The key does not say
+    whether TMA could address the operands: a later call whose operands it cannot loads them by pointer
+    with the picked tile, and a key first tuned without TMA never tries it. Measuring
     reruns `launch`, which is safe because every output is overwritten, never accumulated into. The
     pre-tuned default is used without measuring while a CUDA graph is captured or when
     FASTVIT_AUTOTUNE=0."""
@@ -610,28 +606,16 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     for candidate in _CANDIDATES_16 if dot_dtype != torch.float32 else _CANDIDATES_32:
         if not candidate["TMA"] or can_tma:
             tiles += [tile for tile in with_splits(candidate) if tile not in tiles]  # fitting may make equals
-    _compile_concurrently(launch, tiles)
+    compile_concurrently([functools.partial(launch, tile, compile_only=True) for tile in tiles])
     timings = []
     for tile in tiles:
         try:
             timings.append((triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=25), len(timings), tile))
-        except _COMPILE_FAILURES:  # skipped, as triton.autotune does
+        except COMPILE_FAILURES:  # skipped, as triton.autotune does
             continue
     _tuned[key] = min(timings)[2] if timings else default
     _measured[key] = default, [(ms, tile) for ms, _, tile in timings]
     return _tuned[key]
-
-
-def _compile_concurrently(launch, tiles):
-    """Compile the kernel of every candidate tile at once, on a thread pool (triton.AsyncCompileMode: most
-    of Triton's compile and all of ptxas run outside the GIL), so that tuning a GEMM costs about one
-    compile instead of one per candidate (7-12, ~1-2 s each). A candidate that fails to compile is left
-    to fail again at its timed launch, where it is skipped."""
-    workers = min(len(tiles), os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
-        for tile in tiles:
-            with contextlib.suppress(*_COMPILE_FAILURES):
-                launch(tile, compile_only=True)
 
 
 def tuning_record() -> list:

@@ -56,6 +56,9 @@ def test_triton_autotune_picks_attention_and_patch_embed_tiles(report):
     assert row["bench_calls"] > 0
     assert {r["kernel"] for r in row["returned"]} == {"attention fwd sm_90", "attention dq sm_90", "attention dkdv sm_90",
                                                        "patch_embed 16-bit"}  # fmt: skip
+    # every config compiled by the concurrent warm-up before triton.autotune times it, none again then
+    warm_ups = [warmup for _, warmup in row["compiles"]]
+    assert len(warm_ups) == row["bench_calls"] and all(warm_ups), row["compiles"]
 
 
 @pytest.mark.parametrize("scenario", ["model train step + eval, bf16", "model train step + eval, fp32",

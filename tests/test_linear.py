@@ -574,7 +574,8 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     """The CUDA-only tile pick, run on CPU with the device queries faked: for ViT-B proj's dW (768 x 768 out,
     50432-row reduction) on 132 SMs every candidate is also timed with K split (about one wave), the
     fastest (here: a fake timer favouring more programs) wins and is cached; GEMMs that cannot split and
-    FASTVIT_AUTOTUNE=0 never split. tuning_record() reports every candidate's time, the pick and the default."""
+    FASTVIT_AUTOTUNE=0 never split. Every candidate is compiled (concurrently) before any is timed.
+    tuning_record() reports every candidate's time, the pick and the default."""
     import types
 
     from fastvit.kernels import linear as linear_kernels
@@ -586,7 +587,12 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    tried = []
+    tried, compiled = [], []
+
+    def launch(tile, compile_only=False):
+        if compile_only:
+            assert not tried, "a candidate was compiled after the timing began"
+        (compiled if compile_only else tried).append(tile)
 
     def fake_do_bench(fn, warmup, rep):
         fn()
@@ -597,7 +603,8 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False,
                  HAS_SAMPLE_SCALE=False, PREACT_GRAD="none", PREACT_DROPOUT=False, DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
     key = (tuple(flags.items()), torch.bfloat16, torch.bfloat16, torch.bfloat16, 1024, 768, 50432)  # proj's dW
-    picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, True, False)
+    picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, launch, True, False)
+    assert compiled == tried
     splits = {t["SPLIT_K"] for t in tried}
     assert 1 in splits and max(splits) > 1 and picked["SPLIT_K"] == max(splits), tried
     tiles = triton.cdiv(768, picked["BLOCK_M"]) * triton.cdiv(768, picked["BLOCK_N"])
@@ -615,7 +622,8 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
 
     monkeypatch.setattr(linear_kernels, "_tuned", {})
     tried.clear()
-    unsplit = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, tried.append, False, True)
+    compiled.clear()
+    unsplit = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, launch, False, True)
     assert unsplit["SPLIT_K"] == 1 and {t["SPLIT_K"] for t in tried} == {1}
     assert {t["TMA"] for t in tried} == {False, True}  # TMA candidates where the operands allow (sm_90)
     monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")
