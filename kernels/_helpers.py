@@ -76,10 +76,17 @@ COMPILE_FAILURES = (OutOfResources, PTXASError, CompileTimeAssertionFailure)
 
 def compile_concurrently(warm_ups) -> None:
     """Call each compile-only function of `warm_ups` (a JITFunction's or an Autotuner's .warmup) with the
-    compiles on a thread pool (triton.AsyncCompileMode: most of Triton's compile and all of ptxas run
-    outside the GIL), so that tuning costs about one compile instead of one per candidate (~1-2 s each).
-    A candidate that fails to compile is left to fail again at its timed launch, where the tuner skips it."""
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+    compiles on a thread pool (triton.AsyncCompileMode: ptxas and much of Triton's compile run outside the
+    GIL), so that tuning waits for the candidates' compiles side by side rather than one after another
+    (~1-2 s each). A candidate that fails to compile fails again at its timed launch, where the tuner skips
+    it. Inside a caller's own AsyncCompileMode (Triton does not nest them) nothing is warmed up: each
+    candidate then compiles when it is timed."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool, contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(triton.AsyncCompileMode(pool, ignore_errors=True))
+        except RuntimeError:  # "Another AsyncCompileMode is already active"
+            return
         for warm_up in warm_ups:
             with contextlib.suppress(*COMPILE_FAILURES):
                 warm_up()
@@ -178,7 +185,8 @@ class KernelConfig:
     def ieee_fp32(self) -> bool:
         """Whether the config's dots are IEEE fp32 (torch's default fp32 matmul precision), which no
         tensor core runs: they go to the FMA units, so HGMMA / HMMA is not expected of them."""
-        return self.constexprs.get("DOT_PRECISION") == "ieee" and self.constexprs.get("DOT_DTYPE") == tl.float32
+        dot_dtype = self.constexprs.get("DOT_DTYPE", tl.float32)  # (attention has none: its fp32 is fp32 dots)
+        return self.constexprs.get("DOT_PRECISION") == "ieee" and dot_dtype == tl.float32
 
     def signature(self) -> dict:
         """The full `triton.compile` signature: every kernel argument in order, constexprs marked."""

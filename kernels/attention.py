@@ -575,7 +575,10 @@ def _tuned(kernel, table):
     kernel = triton.heuristics(_TAILS)(kernel)
     if is_interpreter():
         return kernel
-    return triton.autotune(_configs(table), key=["N_Q", "N_KV", "HEAD_DIM"], prune_configs_by=_prune(table))(kernel)
+    # the key holds what fastvit's launch key holds (the tensors' dtypes are always in it), so a pick is never
+    # reused across dropout or dot precision, and a launch key's first call is the autotuner's too
+    key = ["N_Q", "N_KV", "HEAD_DIM", "DROPOUT", "DOT_PRECISION"]
+    return triton.autotune(_configs(table), key=key, prune_configs_by=_prune(table))(kernel)
 
 
 _KERNEL_FUNCTIONS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}

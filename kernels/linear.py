@@ -76,9 +76,9 @@ Design:
   reduction into slices (a second grid axis; _split_k sizes it to about one wave of SMs). Each slice
   writes fp32 partials of dW, db and dls, summed afterwards in a fixed order: deterministic, no atomics.
 - Configs: one fixed config under the interpreter; on CUDA a measured pick among a few candidates per
-  bucketed (M, N, K), dtype and flag set (their kernels compiled concurrently first), cached per process, with a pre-tuned default for ViT-S/B/L
-  shapes used when FASTVIT_AUTOTUNE=0, or while a CUDA graph is being captured (unless the key was
-  tuned before).
+  bucketed (M, N, K), dtype and flag set (their kernels compiled concurrently first), cached per process,
+  with a pre-tuned default for ViT-S/B/L shapes used when FASTVIT_AUTOTUNE=0, or while a CUDA graph is
+  being captured (unless the key was tuned before).
 
 Limits: dy and W may have any strides (unit last-dim strides give vector loads), and so may x without a
 LayerNorm prologue; with one, x needs a unit column stride (the statistics pass and LayerNorm's backward
@@ -447,21 +447,17 @@ def _linear_kernel(
     # A 128 x 256 tile's fused epilogue (GELU and its pre-activation, residual and statistics, dGELU)
     # would hold its fp32 temporaries next to 128 accumulator registers per thread and spill: it is
     # finished as two 128-column halves, one after the other (a split of the accumulator's registers).
-    if BLOCK_N > 128:
+    HALVES: tl.constexpr = 2 if BLOCK_N > 128 else 1
+    if HALVES == 2:
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _epilogue(left, pid_n * BLOCK_N, C, Preact, StatsOut, Bias, Residual, Scale, SampleScale, Seed, PreactSeed, stride_cm, stride_rm,
-                  rows, row_mask, M, N, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, HAS_BIAS, ACTIVATION,
-                  HAS_SCALE, HAS_SAMPLE_SCALE, DROPOUT, HAS_RESIDUAL, SAVE_PREACT,
-                  PREACT_GRAD, PREACT_DROPOUT, STATS_OUT, GRAD_A, TRANS_A, BLOCK_M, BLOCK_N // 2)  # fmt: skip
-        _epilogue(right, pid_n * BLOCK_N + BLOCK_N // 2, C, Preact, StatsOut, Bias, Residual, Scale, SampleScale, Seed, PreactSeed, stride_cm, stride_rm,
-                  rows, row_mask, M, N, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, HAS_BIAS, ACTIVATION,
-                  HAS_SCALE, HAS_SAMPLE_SCALE, DROPOUT, HAS_RESIDUAL, SAVE_PREACT,
-                  PREACT_GRAD, PREACT_DROPOUT, STATS_OUT, GRAD_A, TRANS_A, BLOCK_M, BLOCK_N // 2)  # fmt: skip
     else:
-        _epilogue(acc, pid_n * BLOCK_N, C, Preact, StatsOut, Bias, Residual, Scale, SampleScale, Seed, PreactSeed, stride_cm, stride_rm,
-                  rows, row_mask, M, N, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, HAS_BIAS, ACTIVATION,
-                  HAS_SCALE, HAS_SAMPLE_SCALE, DROPOUT, HAS_RESIDUAL, SAVE_PREACT,
-                  PREACT_GRAD, PREACT_DROPOUT, STATS_OUT, GRAD_A, TRANS_A, BLOCK_M, BLOCK_N)  # fmt: skip
+        left, right = acc, acc  # (one half: the right is never used)
+    for half in tl.static_range(HALVES):
+        _epilogue(left if half == 0 else right, pid_n * BLOCK_N + half * (BLOCK_N // HALVES), C, Preact, StatsOut,
+                  Bias, Residual, Scale, SampleScale, Seed, PreactSeed, stride_cm, stride_rm, rows, row_mask, M, N,
+                  n_fwd, rows_per_sample, dropout_p, preact_dropout_p, HAS_BIAS, ACTIVATION, HAS_SCALE,
+                  HAS_SAMPLE_SCALE, DROPOUT, HAS_RESIDUAL, SAVE_PREACT, PREACT_GRAD, PREACT_DROPOUT, STATS_OUT,
+                  GRAD_A, TRANS_A, BLOCK_M, BLOCK_N // HALVES)
 
 
 @triton.jit
@@ -707,11 +703,12 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
         k_per_split = triton.cdiv(triton.cdiv(K, split), tile["BLOCK_K"]) * tile["BLOCK_K"]
         splits = triton.cdiv(K, k_per_split)
         # split-K: each slice of the reduction writes fp32 partials, summed below in a fixed order
-        # (deterministic); only for GEMMs with no epilogue beyond the store (the weight gradients)
+        # (deterministic); only for GEMMs with no epilogue beyond the store (the weight gradients). A compile
+        # needs only their dtype: one-element placeholders then
         targets = (out, row_sum, row_sum_u)
         if splits > 1:
-            targets = tuple(None if t is None else t.new_empty((splits, *t.shape), dtype=torch.float32)
-                            for t in targets)  # fmt: skip
+            targets = tuple(None if t is None else t.new_empty(1 if compile_only else (splits, *t.shape),
+                                                               dtype=torch.float32) for t in targets)  # fmt: skip
         c, c_row_sum, c_row_sum_u = targets
         grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]), splits)
         run = functools.partial(_linear_kernel.warmup, grid=grid) if compile_only else _linear_kernel[grid]
@@ -719,7 +716,7 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
             c, preact, c_row_sum, c_row_sum_u, stats_out, a_arg, b_arg, bias, residual, scale, sample_scale, ln_weight,
             ln_bias, mean, rstd, stats_in, seed, preact_seed, z, out.stride(0), *a_strides, *b_strides,
             residual.stride(0) if residual is not None else 0, z.stride(0) if z is not None else 0,
-            c.stride(0) if splits > 1 else 0, *(stats_in.stride() if stats_in is not None else (0, 0, 0)),
+            M * N if splits > 1 else 0, *(stats_in.stride() if stats_in is not None else (0, 0, 0)),
             M, N, K, k_per_split, n_fwd, rows_per_sample, dropout_p, preact_dropout_p, eps, **flags,
             EVEN_K=K > 0 and K % tile["BLOCK_K"] == 0, A_DESC=a_desc, B_DESC=b_desc,
             ZERO_PADS=(ln_a or ln_b) and _before_hopper(out.device), **tile,

@@ -261,8 +261,9 @@ _CUDA_CONFIGS = {
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ],
 }
+# every constexpr that is not a tile size, so a pick is never reused across fusions or dot precision
 _AUTOTUNE_KEY = ["M", "N", "K", "KIND_A_M", "KIND_A_K", "KIND_B_K", "KIND_B_N", "KIND_C_M", "KIND_C_N", "P",
-                 "PREFIX", "DOT_DTYPE"]  # fmt: skip
+                 "PREFIX", "HAS_CLS", "HAS_BIAS", "HAS_POS", "POS_ON_PREFIX", "DOT_DTYPE", "DOT_PRECISION"]  # fmt: skip
 _AUTOTUNED = {table: triton.autotune(configs, key=_AUTOTUNE_KEY)(_patch_embed_kernel) for table, configs in _CUDA_CONFIGS.items()}
 _picks = {}  # launch key -> the triton.Config autotuning picked (kernels/_helpers.launch_autotuned)
 

@@ -397,8 +397,13 @@ def run_with_dropout(M, K, N, spec, p, dropped):
     return keep
 
 
-def test_dropout_statistics_and_backward_consistency():
-    """Kept fraction ~ 1 - p; kept values scaled by 1/(1-p); the backward regenerates the forward's mask."""
+@pytest.mark.parametrize("wide", [False, True], ids=["default-tiles", "128x256-tiles"])
+def test_dropout_statistics_and_backward_consistency(monkeypatch, wide):
+    """Kept fraction ~ 1 - p; kept values scaled by 1/(1-p); the backward regenerates the forward's mask.
+    With 128 x 256 tiles the forward's mask comes from both column halves of its epilogue (an interpreter
+    path: on a GPU a dropout epilogue caps BLOCK_N at 64)."""
+    if wide:
+        wide_tiles(monkeypatch, torch.float32)
     p = 0.25
     spec = dict(bias=True, activation="gelu", residual=True, layer_scale=True)
     # a dropped element adds exactly 0 to the residual
@@ -629,3 +634,26 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")
     monkeypatch.setattr(linear_kernels, "_tuned", {})
     assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, False, False)["SPLIT_K"] == 1
+
+
+def test_compile_concurrently_skips_failures_and_yields_to_an_outer_async_mode():
+    """kernels/_helpers.compile_concurrently: every warm-up is called, one failing to compile does not stop
+    the others (the tuner skips it when timed), and inside a caller's own triton.AsyncCompileMode (which
+    Triton does not nest) it warms nothing up instead of raising."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime.errors import PTXASError
+
+    from fastvit.kernels._helpers import compile_concurrently
+
+    called = []
+
+    def failing():
+        called.append("failing")
+        raise PTXASError("ptxas failed")
+
+    compile_concurrently([failing, lambda: called.append("next")])
+    assert called == ["failing", "next"]
+    with ThreadPoolExecutor(1) as pool, triton.AsyncCompileMode(pool):
+        compile_concurrently([lambda: called.append("inside")])
+    assert called == ["failing", "next"]
