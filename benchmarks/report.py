@@ -156,7 +156,8 @@ def tuning_lines(tuning, slower_than=1.0):
             continue
         flags = " ".join(k if v == "True" else f"{k}={v}" for k, v in row["flags"].items())
         default = "not timed" if slowdown is None else f"{row['default_ms']:.3f} ms ({slowdown:.2f}x the pick)"
-        lines.append(f"GEMM M<={row['M_bucket']} N={row['N']} K={row['K']} {'/'.join(row['dtypes'])} [{flags}]: "
+        tma = ", TMA-addressable" if row.get("tma_eligible") else ""
+        lines.append(f"GEMM M<={row['M_bucket']} N={row['N']} K={row['K']} {'/'.join(row['dtypes'])} [{flags}]{tma}: "
                      f"picked {_tile(row['picked'])}, {_fmt(best, 3)} ms; default {_tile(row['default'])}, {default}")  # fmt: skip
     return lines
 

@@ -574,11 +574,10 @@ def _split_k(tiles: int, K: int, block_k: int, num_sms: int) -> int:
 
 def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     """The tile config for one GEMM: fixed under the interpreter; on CUDA the fastest candidate for this
-    key (flags, dtypes, next_power_of_2(M), N, K), measured once per process, each candidate also tried
-    with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma, all
-    compiled at once before any is timed (kernels/_helpers.compile_concurrently). The key does not say
-    whether TMA could address the operands: a later call whose operands it cannot loads them by pointer
-    with the picked tile, and a key first tuned without TMA never tries it. Measuring
+    key (flags, dtypes, next_power_of_2(M), N, K, can_tma), measured once per process, each candidate also
+    tried with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma
+    (operands TMA can address, on sm_90), all compiled at once before any is timed
+    (kernels/_helpers.compile_concurrently). Measuring
     reruns `launch`, which is safe because every output is overwritten, never accumulated into. The
     pre-tuned default is used without measuring while a CUDA graph is captured or when
     FASTVIT_AUTOTUNE=0."""
@@ -621,12 +620,12 @@ def tuning_record() -> list:
     time when it was among the candidates. Empty under the interpreter, which measures nothing."""
     record = []
     for key, (default, timings) in _measured.items():
-        flags, out_dtype, a_dtype, b_dtype, M, N, K = key
+        flags, out_dtype, a_dtype, b_dtype, M, N, K, can_tma = key
         on = {name: str(value) for name, value in flags if value not in (False, "none")}
         default_ms = [ms for ms, tile in timings if tile == default]
         record.append({
             "kernel": "linear", "flags": on, "dtypes": [str(out_dtype), str(a_dtype), str(b_dtype)],
-            "M_bucket": M, "N": N, "K": K, "picked": _tuned[key], "default": default,
+            "M_bucket": M, "N": N, "K": K, "tma_eligible": can_tma, "picked": _tuned[key], "default": default,
             "default_ms": default_ms[0] if default_ms else None,
             "candidates": [{"ms": ms, "tile": tile} for ms, tile in timings],
         })  # fmt: skip
@@ -735,7 +734,7 @@ def _gemm(out, a, b, a_strides, b_strides, M, N, K, *, dot_dtype, n_fwd=0, dropo
             if t is not None:
                 t.zero_()
         return
-    key = (tuple(flags.items()), out.dtype, a.dtype, b.dtype, triton.next_power_of_2(M), N, K)
+    key = (tuple(flags.items()), out.dtype, a.dtype, b.dtype, triton.next_power_of_2(M), N, K, can_tma)
     with device_context(out):
         launch(_pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma))
 

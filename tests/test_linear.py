@@ -607,7 +607,8 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     flags = dict(LN_A=False, LN_B=False, GRAD_A=True, TRANS_A=True, ACTIVATION="none", DROPOUT=False, HAS_SCALE=False,
                  HAS_SAMPLE_SCALE=False, PREACT_GRAD="none", PREACT_DROPOUT=False, DOT_DTYPE=triton.language.bfloat16)  # fmt: skip
-    key = (tuple(flags.items()), torch.bfloat16, torch.bfloat16, torch.bfloat16, 1024, 768, 50432)  # proj's dW
+    # proj's dW; operands TMA cannot address
+    key = (tuple(flags.items()), torch.bfloat16, torch.bfloat16, torch.bfloat16, 1024, 768, 50432, False)
     picked = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, launch, True, False)
     assert compiled == tried
     splits = {t["SPLIT_K"] for t in tried}
@@ -617,7 +618,8 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
     assert linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, None, True, False) is picked  # cached
     [row] = linear_kernels.tuning_record()
     assert row["flags"] == {"GRAD_A": "True", "TRANS_A": "True", "DOT_DTYPE": "bf16"}, row["flags"]
-    assert (row["M_bucket"], row["N"], row["K"], row["picked"]) == (1024, 768, 50432, picked)
+    assert (row["M_bucket"], row["N"], row["K"], row["tma_eligible"]) == (1024, 768, 50432, False)
+    assert row["picked"] == picked
     assert [c["tile"] for c in row["candidates"]] == tried
     default = row["default"]
     assert default in tried
@@ -625,10 +627,10 @@ def test_cuda_tile_pick_tries_split_k_for_small_weight_gradient_grids(monkeypatc
                                        * default["SPLIT_K"])  # fmt: skip
     json.dumps(row)  # goes into the benchmarks' JSON
 
-    monkeypatch.setattr(linear_kernels, "_tuned", {})
     tried.clear()
     compiled.clear()
-    unsplit = linear_kernels._pick_tile(key, 768, 768, 50432, torch.bfloat16, launch, False, True)
+    tma_key = key[:-1] + (True,)  # operands TMA can address: a key of its own, tuned anew
+    unsplit = linear_kernels._pick_tile(tma_key, 768, 768, 50432, torch.bfloat16, launch, False, True)
     assert unsplit["SPLIT_K"] == 1 and {t["SPLIT_K"] for t in tried} == {1}
     assert {t["TMA"] for t in tried} == {False, True}  # TMA candidates where the operands allow (sm_90)
     monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")

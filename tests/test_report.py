@@ -75,7 +75,8 @@ def gemm_tuning(default_ms, best_ms):
     tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_K=1, TMA=False)
     best = dict(tile, BLOCK_N=256, TMA=True)
     return {"kernel": "linear", "flags": {"LN_A": "True", "ACTIVATION": "gelu"}, "dtypes": ["bf16"] * 3,
-            "M_bucket": 65536, "N": 3072, "K": 768, "picked": best, "default": tile, "default_ms": default_ms,
+            "M_bucket": 65536, "N": 3072, "K": 768, "tma_eligible": True, "picked": best, "default": tile,
+            "default_ms": default_ms,
             "candidates": [{"ms": default_ms, "tile": tile}, {"ms": best_ms, "tile": best}]}  # fmt: skip
 
 
@@ -85,7 +86,7 @@ def test_tuning_lines_show_picks_and_slow_defaults(report):
     tuning = [gemm_tuning(1.2, 1.0), gemm_tuning(1.02, 1.0), attention]
     lines = report.tuning_lines(tuning)
     assert len(lines) == 3 and lines[2].startswith("attention fwd sm_90 key 197 197 64")
-    assert lines[0] == ("GEMM M<=65536 N=3072 K=768 bf16/bf16/bf16 [LN_A ACTIVATION=gelu]: picked 128x256x64 group 8 "
+    assert lines[0] == ("GEMM M<=65536 N=3072 K=768 bf16/bf16/bf16 [LN_A ACTIVATION=gelu], TMA-addressable: picked 128x256x64 group 8 "
                         "warps 8 stages 3 TMA, 1.000 ms; default 128x128x64 group 8 warps 8 stages 3, 1.200 ms (1.20x the pick)")  # fmt: skip
     assert report.tuning_lines(tuning, slower_than=1.05) == lines[:1]  # only the default worth changing
 
