@@ -1,5 +1,6 @@
-"""Shared helpers for the Triton kernels: interpreter detection, launch context, output allocation,
-and the dot-precision policy.
+"""Shared helpers for the Triton kernels: interpreter detection, launch context, output allocation, the
+dot-precision policy, tuning (when to measure, concurrent compiles of the candidates, autotuned launches
+and their picks) and KernelConfig, the ahead-of-time compile description.
 
 Nothing here imports fastvit: the dependency arrow is fastvit/ -> kernels/ -> triton.
 """
