@@ -156,8 +156,8 @@ def _tile(tile):
 def tuning_lines(tuning, slower_than=1.0):
     """One line per tuned kernel key. A GEMM's line has its pick and time, and the pre-tuned default's
     (what FASTVIT_AUTOTUNE=0 runs, and a capture before any tuning) as a slowdown factor: where that exceeds
-    `slower_than`, the default should change (only such GEMMs are listed when slower_than > 1).
-    the autotuned picks of attention and patch embed follow, unless slower_than > 1."""
+    `slower_than`, the default should change (only such GEMMs are listed when slower_than > 1). The
+    autotuned picks of attention and patch embed follow, unless slower_than > 1."""
     lines = []
     for row in tuning:
         if row["kernel"] != "linear":

@@ -56,8 +56,8 @@ counter query_row * Nk + key_col stays int32: sequences up to 46340 tokens get d
 Caution: @triton.autotune runs only on CUDA (the interpreter has no driver); under the interpreter the
 launchers pick one fixed config, and where no timing is allowed (a CUDA-graph capture, FASTVIT_AUTOTUNE=0)
 the pick made earlier for the same launch, else the first candidate of the table. Each arch has its own
-table (_ARCH_TABLES, chosen from the device's compute capability at launch): the defaults compile with no spills at d = 64, 80 and 128 for the arch
-that runs them, with HGMMA on sm_90. Ampere's backward reloads its resident operands every step
+table (_ARCH_TABLES, chosen from the device's compute capability at launch): the defaults compile with
+no spills at d = 64, 80 and 128 for the arch that runs them, with HGMMA on sm_90. Ampere's backward reloads its resident operands every step
 (RELOAD): holding them in registers for mma.sync spills at BLOCK_D = 128. fp32 dots use
 kernels/_helpers.dot_precision (IEEE unless torch allows TF32).
 """

@@ -577,10 +577,9 @@ def _pick_tile(key, M, N, K, dot_dtype, launch, can_split, can_tma) -> dict:
     key (flags, dtypes, next_power_of_2(M), N, K, can_tma), measured once per process, each candidate also
     tried with a split K when can_split and the grid is small (_split_k), TMA candidates only when can_tma
     (operands TMA can address, on sm_90), all compiled at once before any is timed
-    (kernels/_helpers.compile_concurrently). Measuring
-    reruns `launch`, which is safe because every output is overwritten, never accumulated into. The
-    pre-tuned default is used without measuring while a CUDA graph is captured or when
-    FASTVIT_AUTOTUNE=0."""
+    (kernels/_helpers.compile_concurrently). Measuring reruns `launch`, which is safe because every output
+    is overwritten, never accumulated into. The pre-tuned default is used without measuring while a CUDA
+    graph is captured or when FASTVIT_AUTOTUNE=0."""
     if is_interpreter():
         return _INTERPRETER_TILE
     if key in _tuned:
@@ -858,7 +857,9 @@ _FLAGS_OFF = dict(LN_A=False, LN_B=False, STATS_IN=False, STATS_OUT=False, HAS_L
 def _gemm_config(label, used, flags, torch_dtype, tile_m, tile, archs):
     """The KernelConfig of one GEMM as the model launches it: `used` pointers, `flags` on, operands in
     torch_dtype (under autocast the residual stream stays fp32), tile_m rows (the weight gradients reduce
-    over them), `tile` (its TMA entry: A and B as tensor descriptors), compiled for `archs`."""
+    over them), a candidate `tile` fitted to the fusions as the tuner fits it (its TMA entry: A and B as
+    tensor descriptors), compiled for `archs`."""
+    tile = _fit_to_fusions(tile, {**_FLAGS_OFF, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype]})
     dtype = TORCH_TO_TRITON_DTYPE[torch_dtype]
     trans = flags.get("TRANS_A", False)
     # under autocast the residual stream (x of LN->GEMM, the residual, the output) stays fp32
@@ -910,10 +911,9 @@ def _gemm_config(label, used, flags, torch_dtype, tile_m, tile, archs):
 
 def compile_configs():
     """Every GEMM the model launches (forward, dx and dW of each Linear) in bf16, fp16 and fp32, at the
-    pre-tuned default tiles for large and small M, sm_90's TMA candidates for the block's big GEMMs (bf16,
-    batch 256), and the LayerNorm statistics pass. Unit strides are
-    constexpr 1 and row strides, N and K carry the multiple-of-16 hint, as the JIT specialises them at
-    ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
+    pre-tuned default tiles for large and small M; sm_90's TMA and 128 x 256 candidates for the block's
+    big GEMMs (bf16, batch 256); and the LayerNorm statistics pass. Unit strides are constexpr 1 and row
+    strides, N and K carry the multiple-of-16 hint, as the JIT specialises them at ViT widths. fp32 is listed with TF32 dots, its tensor-core path; fp32 under torch's default "highest"
     matmul precision runs IEEE FFMA dots on purpose (as cuBLAS does), with the same tiles."""
     uses = {  # label -> (pointers used, flags): the fused ops of one block, the head and their gradients
         "LN->qkv+bias": ({"A", "B", "Bias", "LnW", "LnB", "Mean", "Rstd"},
@@ -967,8 +967,7 @@ def compile_configs():
     for torch_dtype in (torch.bfloat16, torch.float16, torch.float32):
         for label, (used, flags) in uses.items():
             for tile_m in (50432, 394):
-                tile = _fit_to_fusions(_default_tile(tile_m, 768, torch_dtype),
-                                       {**_FLAGS_OFF, **flags, "DOT_DTYPE": _TL_DTYPES[torch_dtype]})  # fmt: skip
+                tile = _default_tile(tile_m, 768, torch_dtype)
                 has_ln = flags.get("LN_A") or flags.get("LN_B")
                 for archs in ((90,), (80,)) if has_ln else ((90, 80),):  # ZERO_PADS differs
                     configs.append(_gemm_config(label, used, flags, torch_dtype, tile_m, tile, archs))
@@ -984,6 +983,5 @@ def compile_configs():
         used, flags = uses[label]
         for tile in tiles:
             name = f"{label} {'TMA ' if tile['TMA'] else ''}{tile['BLOCK_M']}x{tile['BLOCK_N']}"
-            tile = _fit_to_fusions(tile, {**_FLAGS_OFF, **flags, "DOT_DTYPE": tl.bfloat16})
             configs.append(_gemm_config(name, used, flags, torch.bfloat16, 50432, tile, (90,)))
     return configs

@@ -1,7 +1,7 @@
 """The CUDA-only launch path, on a machine without a GPU: tests/fake_cuda.py runs the launchers with a
-fake sm_90 / sm_80 driver (real JIT compiles, launches recorded, not run). The interpreter tests never reach this
-code: tile picks and autotuning, split-K, the capture / FASTVIT_AUTOTUNE=0 defaults, Ampere's tables
-and LayerNorm-tile masks, GPU-sized grids, and Triton's own
+fake sm_90 / sm_80 driver (real JIT compiles, launches recorded, not run). The interpreter tests never
+reach this code: tile picks and autotuning (their concurrent compiles), split-K, the capture /
+FASTVIT_AUTOTUNE=0 defaults, Ampere's tables and LayerNorm-tile masks, GPU-sized grids, and Triton's own
 argument binding (a stray launch keyword would have failed every GEMM on a GPU, unseen by the rest).
 On a GPU machine the rest of the suite runs this path for real, so this test skips there."""
 import json
